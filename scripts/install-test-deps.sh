@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# install-test-deps.sh - install what the integration tests need (run as root).
+#
+# Idempotent: apt is skipped when every required binary is already on PATH, and
+# cargo-nextest is only built when `cargo nextest` is missing.
+set -euo pipefail
+
+# binary -> Debian package that provides it
+declare -A PKG_OF=(
+  [ip]=iproute2
+  [ss]=iproute2
+  [ping]=iputils-ping
+  [iperf3]=iperf3
+  [wireguard-go]=wireguard-go
+  [wg]=wireguard-tools
+  [pgrep]=procps
+  [sysctl]=procps
+  [jq]=jq
+)
+
+missing_pkgs=()
+for bin in "${!PKG_OF[@]}"; do
+  if ! command -v "$bin" >/dev/null 2>&1; then
+    missing_pkgs+=("${PKG_OF[$bin]}")
+  fi
+done
+
+if ((${#missing_pkgs[@]} > 0)); then
+  if [[ $(id -u) != 0 ]]; then
+    echo "install-test-deps: missing packages (${missing_pkgs[*]}) and not root; cannot install" >&2
+    # outside CI the tests that need them print "SKIP: ..."; in CI that would be a failure anyway
+    [[ ${CI:-} == true ]] && exit 1
+    exit 0
+  fi
+  echo "install-test-deps: missing $(printf '%s\n' "${missing_pkgs[@]}" | sort -u | tr '\n' ' ')-> apt-get install" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends \
+    iproute2 iputils-ping iperf3 wireguard-go wireguard-tools procps jq
+else
+  echo "install-test-deps: all test binaries present, skipping apt" >&2
+fi
+
+# wireguard-go, wg and sitewire keep UAPI sockets here (wireguard-go also creates it itself).
+if [[ $(id -u) == 0 && ! -d /var/run/wireguard ]]; then
+  install -d -m 755 /var/run/wireguard
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-test-deps: installing cargo-nextest" >&2
+  cargo install cargo-nextest --locked
+fi

@@ -1,0 +1,215 @@
+//! Command-line interface.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::control::{self, Request, Response};
+use crate::keys::PrivateKey;
+
+#[derive(Parser)]
+#[command(name = "sitewire", version, about = "Site-to-site tunnels: WireGuard and IPsec, keyed by IKEv2, watched by Prometheus")]
+pub struct Cli {
+    /// Log format for daemon output.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SITEWIRE_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "sitewire=debug".
+    #[arg(long, global = true, default_value = "info", env = "SITEWIRE_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a site in the foreground (SIGINT/SIGTERM stop it cleanly).
+    Up {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and list every problem found.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Print a new private key (base64), like `wg genkey`.
+    Keygen,
+    /// Read a private key on stdin and print its public key, like `wg pubkey`.
+    Pubkey,
+    /// Show the state of a running site.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// The site's configuration (to find its interface).
+        #[arg(short, long, conflicts_with = "interface")]
+        config: Option<PathBuf>,
+        /// The site's interface; default: every site running on this host.
+        #[arg(short, long)]
+        interface: Option<String>,
+    },
+    /// Two sites in network namespaces, traffic between them, status of both; then cleanup.
+    Demo {
+        /// Leave the namespaces and daemons running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Traffic helpers used by `demo` inside its namespaces.
+    #[command(hide = true)]
+    Netprobe {
+        #[command(subcommand)]
+        probe: crate::netprobe::Probe,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid --log-level {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Up { config } => {
+            init_logging(cli.log_format, &cli.log_level)?;
+            runtime()?.block_on(crate::daemon::up(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => Ok(check(&config)),
+        Command::Keygen => {
+            let k = PrivateKey::generate();
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", &*k.to_base64())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pubkey => {
+            let mut text = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().take(4096).read_to_string(&mut text)?;
+            match PrivateKey::from_base64(&text) {
+                Ok(k) => {
+                    println!("{}", k.public_key());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Status {
+            json,
+            config,
+            interface,
+        } => runtime()?.block_on(status(json, config, interface)),
+        Command::Demo { keep } => {
+            init_logging(cli.log_format, &cli.log_level)?;
+            crate::demo::run(keep)
+        }
+        Command::Netprobe { probe } => crate::netprobe::run(probe),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok (site {:?}, {} tunnel{})",
+                path.display(),
+                cfg.site.name,
+                cfg.tunnels.len(),
+                if cfg.tunnels.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!(
+                "{}: {} problem{}:",
+                path.display(),
+                errors.0.len(),
+                if errors.0.len() == 1 { "" } else { "s" }
+            );
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(json: bool, config: Option<PathBuf>, interface: Option<String>) -> Result<ExitCode> {
+    let sockets: Vec<PathBuf> = if let Some(cfg) = config {
+        let cfg = Config::load(&cfg).map_err(|e| anyhow::anyhow!("{}:\n{e}", cfg.display()))?;
+        vec![control::control_socket_path(&cfg.site.interface)]
+    } else if let Some(i) = interface {
+        vec![control::control_socket_path(&i)]
+    } else {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(control::CONTROL_DIR)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        if v.is_empty() {
+            bail!("no running sitewire site found in {}", control::CONTROL_DIR);
+        }
+        v
+    };
+    let mut all = Vec::new();
+    for s in &sockets {
+        match control::request(s, &Request::Status).await? {
+            Response::Status(st) => all.push(*st),
+            Response::Error(e) => bail!("daemon at {}: {e}", s.display()),
+        }
+    }
+    if json {
+        let v = if all.len() == 1 {
+            serde_json::to_string_pretty(&all[0])?
+        } else {
+            serde_json::to_string_pretty(&all)?
+        };
+        println!("{v}");
+    } else {
+        for st in &all {
+            print!("{}", st.render());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,225 @@
+//! Configuration: TOML text -> validated [`Config`].
+//!
+//! The file is parsed into toml's spanned document tree, then walked by hand so
+//! that every problem (unknown key, wrong type, missing key, bad value, conflicts
+//! between tunnels, unreadable key files) is collected with its TOML path and
+//! line instead of stopping at the first one.
+
+mod build;
+mod doc;
+mod keyfile;
+mod values;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use ipnet::IpNet;
+
+/// A loaded and fully validated configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file loaded, absolute (`<base_dir>/<inline>` for [`Config::parse`]).
+    pub path: PathBuf,
+    pub site: Site,
+    pub metrics: Option<Metrics>,
+    pub tunnels: Vec<Tunnel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    pub name: String,
+    pub interface: String,
+    pub listen_port: u16,
+    pub private_key: KeyRef,
+    /// Addresses for the TUN device, host bits kept (`10.77.0.1/24`).
+    pub address: Vec<IpNet>,
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    pub listen: SocketAddr,
+}
+
+/// Where a secret lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRef {
+    /// A key file, already resolved against the config file's directory and
+    /// checked (exists, mode 0600, base64 of 32 bytes).
+    File(PathBuf),
+    /// `vault:<path>`: a KV path, not checked here.
+    Vault(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerKey {
+    Inline([u8; 32]),
+    Vault(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    WireGuard,
+    Ipsec,
+}
+
+/// For `protocol = "ipsec"` this is always [`Keying::Ike`] (the `keying` key
+/// itself is rejected there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Keying {
+    Static,
+    Ike,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    /// A DNS name, re-resolved by the daemon.
+    Host {
+        host: String,
+        port: u16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DpdAction {
+    Restart,
+    Clear,
+    Hold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dpd {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub action: DpdAction,
+}
+
+impl Default for Dpd {
+    fn default() -> Self {
+        Dpd {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            action: DpdAction::Restart,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StartAction {
+    Start,
+    Trap,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub name: String,
+    pub protocol: Protocol,
+    pub keying: Keying,
+    /// Always `Some` for WireGuard, always `None` for IPsec.
+    pub peer_public_key: Option<PeerKey>,
+    /// Empty: wait for the peer to connect.
+    pub endpoint: Vec<Endpoint>,
+    /// Truncated to the network. Empty (WireGuard only): any local source.
+    pub local_subnets: Vec<IpNet>,
+    /// Truncated to the network, never empty.
+    pub remote_subnets: Vec<IpNet>,
+    pub persistent_keepalive: Option<Duration>,
+    pub rekey_interval: Duration,
+    pub dpd: Dpd,
+    /// Optional for WireGuard, always `Some` for IPsec.
+    pub psk: Option<KeyRef>,
+    pub local_id: Option<String>,
+    pub remote_id: Option<String>,
+    /// Defaults filled in for IPsec; empty for WireGuard.
+    pub ike_proposals: Vec<String>,
+    pub esp_proposals: Vec<String>,
+    pub start_action: StartAction,
+    /// Line of the `[[tunnel]]` header.
+    pub line: usize,
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// TOML path such as `tunnel[0].endpoint[1]`; empty for file-level problems.
+    pub path: String,
+    /// 1-based line number.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn file(message: impl Into<String>) -> Self {
+        ConfigError {
+            path: String::new(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found, ordered by line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, parses and validates `path`, including the key files it refers to.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::file(format!(
+                "cannot read config file {}: {e}",
+                path.display()
+            ))])
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        build::build(&text, &base_dir, path)
+    }
+
+    /// Like [`Config::load`] for text already in memory; relative key file paths
+    /// are resolved against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+        let path = base_dir.join("<inline>");
+        build::build(text, &base_dir, path)
+    }
+
+    pub fn tunnel(&self, name: &str) -> Option<&Tunnel> {
+        self.tunnels.iter().find(|t| t.name == name)
+    }
+}

@@ -1,0 +1,275 @@
+//! `sitewire up`: owns the TUN, the socket, routes and the local sockets; reads the clock.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnet::IpNet;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, Config, Endpoint, KeyRef, Keying, PeerKey, Protocol};
+use crate::control::{self, SiteView};
+use crate::dataplane::netlink::Netlink;
+use crate::dataplane::wg::WgTunnelSpec;
+use crate::dataplane::{Dataplane, Wire, MAX_PACKET};
+use crate::keys::{PrivateKey, PublicKey, Psk};
+
+const TICK: Duration = Duration::from_millis(250);
+/// Host-name endpoints are re-resolved this often even when nothing fails.
+const RERESOLVE_EVERY: Duration = Duration::from_secs(300);
+
+fn load_private(r: &KeyRef, what: &str) -> Result<PrivateKey> {
+    match r {
+        KeyRef::File(p) => PrivateKey::load(p).with_context(|| format!("{what}")),
+        KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
+    }
+}
+
+fn load_psk(r: &KeyRef, what: &str) -> Result<Psk> {
+    match r {
+        KeyRef::File(p) => Psk::load(p).with_context(|| format!("{what}")),
+        KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
+    }
+}
+
+/// Turn validated tunnel configuration into data-plane specs, loading key material.
+pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
+    cfg.tunnels
+        .iter()
+        .map(|t| {
+            if t.protocol == Protocol::Ipsec {
+                bail!(
+                    "tunnel {:?} (line {}): protocol = \"ipsec\" is not supported by this build yet",
+                    t.name,
+                    t.line
+                );
+            }
+            if t.keying == Keying::Ike {
+                bail!(
+                    "tunnel {:?} (line {}): keying = \"ike\" is not supported by this build yet",
+                    t.name,
+                    t.line
+                );
+            }
+            let peer = match &t.peer_public_key {
+                Some(PeerKey::Inline(k)) => PublicKey(*k),
+                Some(PeerKey::Vault(p)) => bail!(
+                    "tunnel {:?}: peer_public_key vault:{p}: Vault key references are not supported yet",
+                    t.name
+                ),
+                None => bail!("tunnel {:?}: peer_public_key is required", t.name),
+            };
+            let psk = t
+                .psk
+                .as_ref()
+                .map(|r| load_psk(r, &format!("tunnel {:?}: psk", t.name)))
+                .transpose()?;
+            Ok(WgTunnelSpec {
+                name: t.name.clone(),
+                peer_public_key: peer,
+                psk,
+                endpoints: t.endpoint.clone(),
+                local_subnets: t.local_subnets.clone(),
+                remote_subnets: t.remote_subnets.clone(),
+                persistent_keepalive: t
+                    .persistent_keepalive
+                    .map(|d| d.as_secs().min(u64::from(u16::MAX)) as u16),
+            })
+        })
+        .collect()
+}
+
+/// Resolve each configured endpoint to one address (the first the resolver gives).
+pub async fn resolve(endpoints: &[Endpoint]) -> Vec<Option<SocketAddr>> {
+    let mut out = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        out.push(match e {
+            Endpoint::Addr(a) => Some(*a),
+            Endpoint::Host { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(mut addrs) => addrs.next(),
+                    Err(err) => {
+                        tracing::warn!(host = %host, error = %err, "endpoint name does not resolve");
+                        None
+                    }
+                }
+            }
+        });
+    }
+    out
+}
+
+/// Everything `up` created that must be undone on the way out.
+struct Installed {
+    netlink: Netlink,
+    ifindex: u32,
+    routes: Vec<IpNet>,
+    sockets: Vec<std::path::PathBuf>,
+}
+
+impl Installed {
+    async fn remove(&self) {
+        for net in &self.routes {
+            if let Err(e) = self.netlink.del_route(self.ifindex, *net).await {
+                tracing::warn!(route = %net, error = %e, "could not remove route");
+            }
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+fn disable_ipv6(interface: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
+    let _ = std::fs::write(path, "1");
+}
+
+pub async fn up(config_path: &Path) -> Result<()> {
+    let cfg = Config::load(config_path).map_err(|e| anyhow!("{}:\n{e}", config_path.display()))?;
+    let private = load_private(&cfg.site.private_key, "site.private_key")?;
+    let specs = tunnel_specs(&cfg)?;
+    let started = SystemTime::now();
+
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&cfg.site.interface)
+        .mtu(cfg.site.mtu)
+        .build_sync()
+        .with_context(|| format!("creating TUN device {}", cfg.site.interface))?;
+    let netlink = Netlink::connect()?;
+    let ifindex = netlink.link_index(&cfg.site.interface).await?;
+    let wants_v6 = cfg.site.address.iter().any(|a| a.addr().is_ipv6())
+        || cfg
+            .tunnels
+            .iter()
+            .flat_map(|t| &t.remote_subnets)
+            .any(|n| matches!(n, IpNet::V6(_)));
+    if !wants_v6 {
+        // Keeps a fresh TUN from emitting router solicitations nobody routes.
+        disable_ipv6(&cfg.site.interface);
+    }
+    for a in &cfg.site.address {
+        netlink.add_address(ifindex, *a).await?;
+    }
+    netlink.set_mtu_up(ifindex, cfg.site.mtu).await?;
+
+    let wire = Wire::bind(cfg.site.listen_port)
+        .with_context(|| format!("binding UDP port {}", cfg.site.listen_port))?;
+    let dp = Arc::new(Dataplane::new(tun, wire, private, specs)?);
+
+    let mut installed = Installed {
+        netlink,
+        ifindex,
+        routes: Vec::new(),
+        sockets: Vec::new(),
+    };
+    let result = run(&cfg, dp, &mut installed, started).await;
+    installed.remove().await;
+    result
+}
+
+async fn run(
+    cfg: &Config,
+    dp: Arc<Dataplane>,
+    installed: &mut Installed,
+    started: SystemTime,
+) -> Result<()> {
+    for t in &cfg.tunnels {
+        for net in &t.remote_subnets {
+            installed.netlink.add_route(installed.ifindex, *net).await?;
+            installed.routes.push(*net);
+        }
+    }
+
+    let view = Arc::new(SiteView {
+        site: cfg.site.name.clone(),
+        interface: cfg.site.interface.clone(),
+        dataplane: dp.clone(),
+        started,
+    });
+    let ctl_path = control::control_socket_path(&cfg.site.interface);
+    let ctl = control::bind_private(&ctl_path, 0o700)?;
+    installed.sockets.push(ctl_path);
+    let uapi_path = control::uapi_socket_path(&cfg.site.interface);
+    let uapi = control::bind_private(&uapi_path, 0o755)?;
+    installed.sockets.push(uapi_path);
+    tokio::spawn(control::serve_control(ctl, view.clone()));
+    tokio::spawn(control::serve_uapi(uapi, view.clone()));
+
+    for (name, f) in [
+        ("tun-reader", Dataplane::run_tun_reader as fn(Arc<Dataplane>)),
+        ("udp-reader", Dataplane::run_udp_reader),
+    ] {
+        let dp = dp.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(dp))
+            .context("starting a packet thread")?;
+    }
+
+    // Resolve host names before the first handshake, then keep them fresh.
+    resolve_tunnels(&dp, None).await;
+    let mut out = vec![0u8; MAX_PACKET];
+    dp.initiate_all(&mut out);
+
+    tracing::info!(
+        site = %cfg.site.name,
+        interface = %cfg.site.interface,
+        port = dp.listen_port,
+        public_key = %dp.public,
+        tunnels = cfg.tunnels.len(),
+        "site up"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    let mut last_resolve = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                ticks += 1;
+                if ticks % 4 == 0 {
+                    // A shared limiter is not reset by boringtun's own timers.
+                    dp.rate_limiter.reset_count();
+                }
+                let wants = dp.tick(&mut out);
+                if !wants.is_empty() {
+                    resolve_tunnels(&dp, Some(&wants)).await;
+                } else if last_resolve.elapsed() >= RERESOLVE_EVERY {
+                    last_resolve = tokio::time::Instant::now();
+                    resolve_tunnels(&dp, None).await;
+                }
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                tracing::warn!("SIGHUP: configuration reload is not supported by this build; restart to apply changes");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn resolve_tunnels(dp: &Dataplane, only: Option<&[String]>) {
+    let table = dp.tunnels.load();
+    for t in &table.list {
+        if only.is_some_and(|names| !names.contains(&t.spec.name)) {
+            continue;
+        }
+        if t
+            .spec
+            .endpoints
+            .iter()
+            .any(|e| matches!(e, config::Endpoint::Host { .. }))
+        {
+            let resolved = resolve(&t.spec.endpoints).await;
+            t.set_resolved(resolved);
+        }
+    }
+}

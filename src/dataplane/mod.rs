@@ -1,0 +1,330 @@
+//! The packet path: TUN device, the site's UDP socket, routing and the tunnels.
+//!
+//! Two threads move packets with blocking syscalls (TUN -> UDP and UDP -> TUN); a
+//! timer task drives handshakes and keepalives. Tunnel state is shared through an
+//! [`ArcSwap`]ed table that is rebuilt whole when the configuration changes, so the
+//! packet threads never wait on a table lock. Each direction works on one packet at a
+//! time through [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`], the
+//! seams where batched I/O (recvmmsg/GSO, TUN offload) plugs in.
+
+pub mod netlink;
+pub mod router;
+pub mod stats;
+pub mod wg;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::proto::demux::{self, Datagram};
+use router::Router;
+use stats::{DropReason, Drops};
+use wg::{WgTunnel, WgTunnelSpec};
+
+/// Handshakes per second the site answers before it demands cookies. Counted twice per
+/// handshake (once to route it, once inside boringtun), hence the factor of two.
+const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+
+/// Largest datagram or packet handled; buffers are this big so no `Tunn` call can panic.
+pub const MAX_PACKET: usize = 65_536;
+
+/// The site's UDP socket. Bound dual-stack when the host has IPv6, so v4 peers appear as
+/// v4-mapped addresses that we normalise.
+pub struct Wire {
+    sock: UdpSocket,
+    dual_stack: bool,
+}
+
+impl Wire {
+    pub fn bind(port: u16) -> io::Result<Self> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (sock, dual_stack) = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
+            .and_then(|s| {
+                s.set_only_v6(false)?;
+                s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+                Ok(s)
+            }) {
+            Ok(s) => (s, true),
+            Err(_) => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+                (s, false)
+            }
+        };
+        // Bursts from a fast peer must not overflow the default ~200 KiB buffers.
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        Ok(Self {
+            sock: sock.into(),
+            dual_stack,
+        })
+    }
+
+    pub fn local_port(&self) -> io::Result<u16> {
+        Ok(self.sock.local_addr()?.port())
+    }
+
+    pub fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
+        let to = match to {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
+            }
+            other => other,
+        };
+        self.sock.send_to(datagram, to)
+    }
+
+    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.sock.recv_from(buf)?;
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        Ok((n, from))
+    }
+}
+
+/// All tunnels of a site, indexed for both directions.
+#[derive(Default)]
+pub struct TunnelTable {
+    pub list: Vec<Arc<WgTunnel>>,
+    by_index: HashMap<u32, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+    router: Router<usize>,
+}
+
+impl TunnelTable {
+    pub fn new(list: Vec<Arc<WgTunnel>>) -> Self {
+        let mut t = Self::default();
+        for (i, tun) in list.iter().enumerate() {
+            t.by_index.insert(tun.index, i);
+            t.by_key.insert(tun.spec.peer_public_key.0, i);
+            for net in &tun.spec.remote_subnets {
+                t.router.insert(*net, i);
+            }
+        }
+        t.list = list;
+        t
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<WgTunnel>> {
+        self.list.iter().find(|t| t.spec.name == name)
+    }
+}
+
+pub struct Dataplane {
+    pub wire: Wire,
+    pub tun: tun_rs::SyncDevice,
+    pub tunnels: ArcSwap<TunnelTable>,
+    pub rate_limiter: Arc<RateLimiter>,
+    pub private: PrivateKey,
+    pub public: PublicKey,
+    pub listen_port: u16,
+    /// Drops not attributable to a tunnel.
+    pub drops: Drops,
+}
+
+impl Dataplane {
+    pub fn new(
+        tun: tun_rs::SyncDevice,
+        wire: Wire,
+        private: PrivateKey,
+        specs: Vec<WgTunnelSpec>,
+    ) -> io::Result<Self> {
+        let public = private.public_key();
+        let rate_limiter = Arc::new(RateLimiter::new(&public.to_dalek(), HANDSHAKE_RATE_LIMIT));
+        let listen_port = wire.local_port()?;
+        let dp = Self {
+            wire,
+            tun,
+            tunnels: ArcSwap::from_pointee(TunnelTable::default()),
+            rate_limiter,
+            private,
+            public,
+            listen_port,
+            drops: Drops::default(),
+        };
+        let now = Instant::now();
+        let mut used = std::collections::HashSet::new();
+        let list = specs
+            .into_iter()
+            .map(|spec| {
+                let index = fresh_index(&mut used);
+                Arc::new(WgTunnel::new(
+                    spec,
+                    index,
+                    &dp.private,
+                    dp.rate_limiter.clone(),
+                    now,
+                ))
+            })
+            .collect();
+        dp.tunnels.store(Arc::new(TunnelTable::new(list)));
+        Ok(dp)
+    }
+
+    /// One plaintext packet read from the TUN.
+    pub fn handle_tun_packet(&self, packet: &[u8], out: &mut [u8]) {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.drops.add(DropReason::Malformed);
+            return;
+        };
+        let table = self.tunnels.load();
+        match table.router.lookup(dst) {
+            Some(&i) => table.list[i].encapsulate(&self.wire, packet, out),
+            None => self.drops.add(DropReason::NoRoute),
+        }
+    }
+
+    /// One datagram received on the site's UDP port.
+    pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        match demux::classify(datagram) {
+            Ok(Datagram::WireGuard(_)) => self.handle_wireguard(datagram, src, out),
+            Ok(Datagram::NatKeepalive) => {}
+            Ok(Datagram::Ike | Datagram::Esp) => self.drops.add(DropReason::UnsupportedProtocol),
+            Err(_) => self.drops.add(DropReason::Malformed),
+        }
+    }
+
+    fn handle_wireguard(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        let table = self.tunnels.load();
+        let slot = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(_)) => self.route_initiation(&table, datagram, src, out),
+            Ok(Packet::HandshakeResponse(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Ok(Packet::PacketCookieReply(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Ok(Packet::PacketData(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Err(_) => {
+                self.drops.add(DropReason::Malformed);
+                return;
+            }
+        };
+        let Some(i) = slot else {
+            return;
+        };
+        let tun = &self.tun;
+        let drops = &self.drops;
+        table.list[i].decapsulate(&self.wire, src, datagram, out, &mut |p| {
+            if tun.send(p).is_err() {
+                drops.add(DropReason::IoError);
+            }
+        });
+    }
+
+    /// Find the tunnel a handshake initiation is for: check mac1 (and the load-dependent
+    /// cookie) first, then decrypt the initiator's static key.
+    fn route_initiation(
+        &self,
+        table: &TunnelTable,
+        datagram: &[u8],
+        src: SocketAddr,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        match self
+            .rate_limiter
+            .verify_packet(Some(src.ip()), datagram, out)
+        {
+            Ok(Packet::HandshakeInit(init)) => {
+                let secret = self.private.to_static_secret();
+                match parse_handshake_anon(&secret, &self.public.to_dalek(), &init) {
+                    Ok(half) => {
+                        let slot = table.by_key.get(&half.peer_static_public).copied();
+                        if slot.is_none() {
+                            self.drops.add(DropReason::UnknownPeer);
+                        }
+                        slot
+                    }
+                    Err(_) => {
+                        self.drops.add(DropReason::DecryptFailed);
+                        None
+                    }
+                }
+            }
+            Ok(_) => None,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let _ = self.wire.send_to(cookie, src);
+                self.drops.add(DropReason::RateLimited);
+                None
+            }
+            Err(_) => {
+                self.drops.add(DropReason::DecryptFailed);
+                None
+            }
+        }
+    }
+
+    /// Every ~250 ms. Returns the names of tunnels that want their host names resolved.
+    pub fn tick(&self, out: &mut [u8]) -> Vec<String> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let table = self.tunnels.load();
+        table
+            .list
+            .iter()
+            .filter(|t| t.tick(&self.wire, out, now, wall))
+            .map(|t| t.spec.name.clone())
+            .collect()
+    }
+
+    /// Start handshakes on every tunnel with a known endpoint.
+    pub fn initiate_all(&self, out: &mut [u8]) {
+        for t in &self.tunnels.load().list {
+            t.initiate(&self.wire, out);
+        }
+    }
+
+    /// Blocking loop: TUN -> tunnels -> UDP. Runs on its own thread for the daemon's life.
+    pub fn run_tun_reader(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET];
+        loop {
+            match self.tun.recv(&mut buf) {
+                Ok(n) => self.handle_tun_packet(&buf[..n], &mut out),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the TUN device failed; stopping the TUN reader");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Blocking loop: UDP -> tunnels -> TUN.
+    pub fn run_udp_reader(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET];
+        loop {
+            match self.wire.recv_from(&mut buf) {
+                Ok((n, src)) => self.handle_datagram(&buf[..n], src, &mut out),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the UDP socket failed; stopping the UDP reader");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A random, unused, non-zero 24-bit receiver index base.
+fn fresh_index(used: &mut std::collections::HashSet<u32>) -> u32 {
+    loop {
+        let mut b = [0u8; 4];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+        let idx = u32::from_le_bytes(b) & 0x00ff_ffff;
+        if idx != 0 && used.insert(idx) {
+            return idx;
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! One WireGuard tunnel: a boringtun `Tunn`, its endpoint and its counters.
+//!
+//! The packet threads and the timer task share a tunnel; the `Tunn` and the current
+//! endpoint sit behind one mutex that is held only for the crypto and the send.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use ipnet::IpNet;
+
+use super::stats::{DropReason, TunnelStats};
+use super::Wire;
+use crate::config::Endpoint;
+use crate::keys::{PrivateKey, Psk, PublicKey};
+
+/// WireGuard's REJECT_AFTER_TIME: a session older than this carries no data.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// How long the initiator keeps trying one endpoint before it moves to the next
+/// (three handshake retransmissions).
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(15);
+
+/// Static description of a tunnel, from the configuration.
+#[derive(Debug, Clone)]
+pub struct WgTunnelSpec {
+    pub name: String,
+    pub peer_public_key: PublicKey,
+    pub psk: Option<Psk>,
+    pub endpoints: Vec<Endpoint>,
+    pub local_subnets: Vec<IpNet>,
+    pub remote_subnets: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+struct Live {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+}
+
+/// Where to send: the configured candidates, their last resolution, and which one is in use.
+struct Endpoints {
+    /// Resolved address of each configured endpoint (None: not resolved yet / failed).
+    resolved: Vec<Option<SocketAddr>>,
+    current: usize,
+    /// When the tunnel last had a session or switched candidates.
+    trying_since: Instant,
+    /// The peer moved and we follow it; cleared when we fail over.
+    roamed: bool,
+}
+
+pub struct WgTunnel {
+    pub spec: WgTunnelSpec,
+    /// Our receiver index base (24 bits); boringtun puts it in the top bits of each
+    /// session's index.
+    pub index: u32,
+    live: Mutex<Live>,
+    endpoints: Mutex<Endpoints>,
+    pub stats: TunnelStats,
+    /// Unix time of the latest completed handshake, in nanoseconds (0 = never).
+    last_handshake_ns: AtomicU64,
+    /// boringtun reported ConnectionExpired: handshakes failed for 90 s.
+    expired: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Connection state as shown by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelState {
+    /// A session younger than REJECT_AFTER_TIME exists.
+    Up,
+    /// No session; handshakes are being attempted.
+    Connecting,
+    /// No endpoint known: waiting for the peer to reach us.
+    Waiting,
+    /// Handshakes have failed for 90 s; still retrying on the next candidate.
+    Down,
+}
+
+impl WgTunnel {
+    pub fn new(
+        spec: WgTunnelSpec,
+        index: u32,
+        private: &PrivateKey,
+        rate_limiter: Arc<RateLimiter>,
+        now: Instant,
+    ) -> Self {
+        let tunn = Tunn::new(
+            private.to_static_secret(),
+            spec.peer_public_key.to_dalek(),
+            spec.psk.as_ref().map(|p| *p.as_bytes()),
+            spec.persistent_keepalive,
+            index,
+            Some(rate_limiter),
+        );
+        let endpoints = Endpoints {
+            resolved: spec
+                .endpoints
+                .iter()
+                .map(|e| match e {
+                    Endpoint::Addr(a) => Some(*a),
+                    Endpoint::Host { .. } => None,
+                })
+                .collect(),
+            current: 0,
+            trying_since: now,
+            roamed: false,
+        };
+        let first = endpoints.resolved.first().copied().flatten();
+        Self {
+            spec,
+            index,
+            live: Mutex::new(Live {
+                tunn,
+                endpoint: first,
+            }),
+            endpoints: Mutex::new(endpoints),
+            stats: TunnelStats::default(),
+            last_handshake_ns: AtomicU64::new(0),
+            expired: AtomicBool::new(false),
+        }
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        lock(&self.live).endpoint
+    }
+
+    fn send(&self, wire: &Wire, to: Option<SocketAddr>, datagram: &[u8]) {
+        let Some(to) = to else {
+            self.stats.drops.add(DropReason::NoEndpoint);
+            return;
+        };
+        match wire.send_to(datagram, to) {
+            Ok(_) => self.stats.count_tx(datagram.len()),
+            Err(_) => self.stats.drops.add(DropReason::IoError),
+        }
+    }
+
+    /// A plaintext IP packet from the TUN, routed to this tunnel.
+    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+        self.stats.tx_inner_packets.fetch_add(1, Relaxed);
+        let mut live = lock(&self.live);
+        match live.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
+            TunnResult::Done => {} // queued until the handshake completes
+            TunnResult::Err(_) => self.stats.drops.add(DropReason::Malformed),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+
+    /// A WireGuard datagram from `src` addressed to this tunnel. Decrypted packets whose
+    /// inner source is inside the tunnel's remote subnets are handed to `deliver`.
+    pub fn decapsulate(
+        &self,
+        wire: &Wire,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        deliver: &mut dyn FnMut(&[u8]),
+    ) {
+        self.stats.count_rx(datagram.len());
+        let mut live = lock(&self.live);
+        let mut authenticated = true;
+        match live.tunn.decapsulate(Some(src.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(d) => {
+                let is_cookie = d.len() == 64 && d[0] == 3;
+                authenticated = !is_cookie;
+                match wire.send_to(d, src) {
+                    Ok(_) => self.stats.count_tx(d.len()),
+                    Err(_) => self.stats.drops.add(DropReason::IoError),
+                }
+                if is_cookie {
+                    self.stats.drops.add(DropReason::RateLimited);
+                } else {
+                    // Flush packets queued while the handshake was in flight.
+                    loop {
+                        match live.tunn.decapsulate(None, &[], out) {
+                            TunnResult::WriteToNetwork(d) => match wire.send_to(d, src) {
+                                Ok(_) => self.stats.count_tx(d.len()),
+                                Err(_) => self.stats.drops.add(DropReason::IoError),
+                            },
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, from) => {
+                self.deliver_inner(IpAddr::V4(from), p, deliver);
+            }
+            TunnResult::WriteToTunnelV6(p, from) => {
+                self.deliver_inner(IpAddr::V6(from), p, deliver);
+            }
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                authenticated = false;
+                self.stats.drops.add(match e {
+                    WireGuardError::UnderLoad => DropReason::RateLimited,
+                    WireGuardError::IncorrectPacketLength
+                    | WireGuardError::InvalidPacket
+                    | WireGuardError::WrongPacketType => DropReason::Malformed,
+                    _ => DropReason::DecryptFailed,
+                });
+            }
+        }
+        if authenticated && live.endpoint != Some(src) {
+            // Roaming: follow an authenticated peer to its new address.
+            live.endpoint = Some(src);
+            drop(live);
+            let mut eps = lock(&self.endpoints);
+            eps.roamed = true;
+            tracing::info!(tunnel = %self.spec.name, endpoint = %src, "peer endpoint changed");
+        }
+    }
+
+    fn deliver_inner(&self, from: IpAddr, packet: &[u8], deliver: &mut dyn FnMut(&[u8])) {
+        if packet.is_empty() {
+            return; // keepalive
+        }
+        if !super::router::contains_any(&self.spec.remote_subnets, from) {
+            self.stats.drops.add(DropReason::SourceNotAllowed);
+            return;
+        }
+        self.stats.rx_inner_packets.fetch_add(1, Relaxed);
+        deliver(packet);
+    }
+
+    /// Periodic work (every ~250 ms): boringtun timers, handshake bookkeeping, endpoint
+    /// failover. Returns true if the tunnel wants its host names re-resolved.
+    pub fn tick(&self, wire: &Wire, out: &mut [u8], now: Instant, wall: SystemTime) -> bool {
+        let mut live = lock(&self.live);
+        match live.tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                if !self.expired.swap(true, Relaxed) {
+                    tracing::warn!(tunnel = %self.spec.name, "handshakes failing: peer not answering");
+                }
+            }
+            _ => {}
+        }
+        let since = live.tunn.time_since_last_handshake();
+        if let Some(since) = since {
+            self.note_handshake(wall, since);
+        }
+        let has_session = since.is_some_and(|s| s < SESSION_LIFETIME);
+        if has_session {
+            self.expired.store(false, Relaxed);
+        }
+        let mut eps = lock(&self.endpoints);
+        if has_session {
+            eps.trying_since = now;
+            return false;
+        }
+        if eps.resolved.is_empty() || now.duration_since(eps.trying_since) < FAILOVER_AFTER {
+            return false;
+        }
+        // No session for a while: move to the next configured endpoint and try again.
+        eps.current = (eps.current + 1) % eps.resolved.len();
+        eps.trying_since = now;
+        eps.roamed = false;
+        let next = eps.resolved[eps.current];
+        drop(eps);
+        if next.is_some() && next != live.endpoint {
+            tracing::info!(tunnel = %self.spec.name, endpoint = ?next, "trying next endpoint");
+        }
+        if next.is_some() {
+            live.endpoint = next;
+        }
+        if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, true) {
+            self.send(wire, live.endpoint, d);
+        }
+        // Host names are re-resolved whenever we fail over.
+        self.spec
+            .endpoints
+            .iter()
+            .any(|e| matches!(e, Endpoint::Host { .. }))
+    }
+
+    fn note_handshake(&self, wall: SystemTime, since: Duration) {
+        let at = wall
+            .checked_sub(since)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        let prev = self.last_handshake_ns.load(Relaxed);
+        // boringtun's clock moves in tick steps: only a jump of more than a second
+        // is a new handshake rather than rounding.
+        if at.abs_diff(prev) > 1_000_000_000 {
+            self.last_handshake_ns.store(at, Relaxed);
+            self.stats.handshakes.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Start a handshake now (at startup, or on operator request).
+    pub fn initiate(&self, wire: &Wire, out: &mut [u8]) {
+        let mut live = lock(&self.live);
+        if live.endpoint.is_none() {
+            return;
+        }
+        if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, false) {
+            self.send(wire, live.endpoint, d);
+        }
+    }
+
+    /// New resolution results for the configured endpoints (same order).
+    pub fn set_resolved(&self, resolved: Vec<Option<SocketAddr>>) {
+        let mut eps = lock(&self.endpoints);
+        if resolved.len() != eps.resolved.len() {
+            return;
+        }
+        eps.resolved = resolved;
+        let current = eps.resolved[eps.current];
+        let roamed = eps.roamed;
+        drop(eps);
+        let mut live = lock(&self.live);
+        if !roamed && current.is_some() && live.endpoint != current {
+            live.endpoint = current;
+        }
+    }
+
+    /// Unix time of the last handshake (seconds, nanoseconds); (0, 0) if never.
+    pub fn last_handshake(&self) -> (u64, u32) {
+        let ns = self.last_handshake_ns.load(Relaxed);
+        (ns / 1_000_000_000, (ns % 1_000_000_000) as u32)
+    }
+
+    pub fn state(&self) -> TunnelState {
+        let live = lock(&self.live);
+        let since = live.tunn.time_since_last_handshake();
+        if since.is_some_and(|s| s < SESSION_LIFETIME) {
+            TunnelState::Up
+        } else if live.endpoint.is_none() {
+            TunnelState::Waiting
+        } else if self.expired.load(Relaxed) {
+            TunnelState::Down
+        } else {
+            TunnelState::Connecting
+        }
+    }
+
+    /// boringtun's view: (handshake RTT in ms, estimated loss 0..1).
+    pub fn rtt_and_loss(&self) -> (Option<u32>, f32) {
+        let (_, _, _, loss, rtt) = lock(&self.live).tunn.stats();
+        (rtt, loss)
+    }
+}

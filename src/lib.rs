@@ -1,0 +1,12 @@
+//! sitewire: a site-to-site tunnel daemon (WireGuard and IPsec, IKEv2 keying).
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod demo;
+pub mod keys;
+pub mod netprobe;
+pub mod proto;
+pub mod status;
