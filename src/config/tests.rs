@@ -286,8 +286,8 @@ fn wrong_types() {
     );
     assert_eq!(errors.len(), 6, "{errors:#?}");
 
-    let errors = d.errors(&(site() + "tunnel = 3\n"));
-    one_error(&errors, "tunnel", 6, "array of tables");
+    let errors = d.errors(&("tunnel = 3\n".to_string() + &site()));
+    one_error(&errors, "tunnel", 1, "array of tables");
     let errors = d.errors(&(site() + "[tunnel]\nname = \"a\"\n"));
     one_error(&errors, "tunnel", 6, "write each one as [[tunnel]]");
 }
@@ -516,7 +516,7 @@ fn tunnel_conflicts() {
         &errors,
         "tunnel[3].remote_subnets[0]",
         27,
-        "overlaps the site's network 10.77.0.0/24 (site.address[0], line 2)",
+        "overlaps the site's network 10.77.0.0/24 (site.address, line 2)",
     );
     assert_eq!(errors.len(), 4, "{errors:#?}");
 }
