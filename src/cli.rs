@@ -12,7 +12,11 @@ use crate::control::{self, Request, Response};
 use crate::keys::PrivateKey;
 
 #[derive(Parser)]
-#[command(name = "sitewire", version, about = "Site-to-site tunnels: WireGuard and IPsec, keyed by IKEv2, watched by Prometheus")]
+#[command(
+    name = "sitewire",
+    version,
+    about = "Site-to-site tunnels: WireGuard and IPsec, keyed by IKEv2, watched by Prometheus"
+)]
 pub struct Cli {
     /// Log format for daemon output.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SITEWIRE_LOG_FORMAT")]
@@ -172,7 +176,11 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn status(json: bool, config: Option<PathBuf>, interface: Option<String>) -> Result<ExitCode> {
+async fn status(
+    json: bool,
+    config: Option<PathBuf>,
+    interface: Option<String>,
+) -> Result<ExitCode> {
     let sockets: Vec<PathBuf> = if let Some(cfg) = config {
         let cfg = Config::load(&cfg).map_err(|e| anyhow::anyhow!("{}:\n{e}", cfg.display()))?;
         vec![control::control_socket_path(&cfg.site.interface)]

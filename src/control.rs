@@ -98,7 +98,9 @@ pub async fn serve_control(listener: UnixListener, view: Arc<SiteView>) {
 async fn control_conn(stream: UnixStream, view: &SiteView) -> Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(rd.take(64 * 1024)).read_line(&mut line).await?;
+    BufReader::new(rd.take(64 * 1024))
+        .read_line(&mut line)
+        .await?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Response::Status(Box::new(view.status())),
         Err(e) => Response::Error(format!("bad request: {e}")),

@@ -14,7 +14,7 @@ use crate::control::{self, SiteView};
 use crate::dataplane::netlink::Netlink;
 use crate::dataplane::wg::WgTunnelSpec;
 use crate::dataplane::{Dataplane, Wire, MAX_PACKET};
-use crate::keys::{PrivateKey, PublicKey, Psk};
+use crate::keys::{PrivateKey, Psk, PublicKey};
 
 const TICK: Duration = Duration::from_millis(250);
 /// Host-name endpoints are re-resolved this often even when nothing fails.
@@ -22,14 +22,14 @@ const RERESOLVE_EVERY: Duration = Duration::from_secs(300);
 
 fn load_private(r: &KeyRef, what: &str) -> Result<PrivateKey> {
     match r {
-        KeyRef::File(p) => PrivateKey::load(p).with_context(|| format!("{what}")),
+        KeyRef::File(p) => PrivateKey::load(p).with_context(|| what.to_string()),
         KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
     }
 }
 
 fn load_psk(r: &KeyRef, what: &str) -> Result<Psk> {
     match r {
-        KeyRef::File(p) => Psk::load(p).with_context(|| format!("{what}")),
+        KeyRef::File(p) => Psk::load(p).with_context(|| what.to_string()),
         KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
     }
 }
@@ -199,7 +199,10 @@ async fn run(
     tokio::spawn(control::serve_uapi(uapi, view.clone()));
 
     for (name, f) in [
-        ("tun-reader", Dataplane::run_tun_reader as fn(Arc<Dataplane>)),
+        (
+            "tun-reader",
+            Dataplane::run_tun_reader as fn(Arc<Dataplane>),
+        ),
         ("udp-reader", Dataplane::run_udp_reader),
     ] {
         let dp = dp.clone();
@@ -234,7 +237,7 @@ async fn run(
         tokio::select! {
             _ = tick.tick() => {
                 ticks += 1;
-                if ticks % 4 == 0 {
+                if ticks.is_multiple_of(4) {
                     // A shared limiter is not reset by boringtun's own timers.
                     dp.rate_limiter.reset_count();
                 }
@@ -262,8 +265,7 @@ async fn resolve_tunnels(dp: &Dataplane, only: Option<&[String]>) {
         if only.is_some_and(|names| !names.contains(&t.spec.name)) {
             continue;
         }
-        if t
-            .spec
+        if t.spec
             .endpoints
             .iter()
             .any(|e| matches!(e, config::Endpoint::Host { .. }))

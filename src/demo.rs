@@ -183,15 +183,57 @@ fn demo(world: &Arc<Mutex<World>>, rt: &tokio::runtime::Runtime, keep: bool) -> 
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
     }
     ip(&[
-        "-n", NS_LAB, "link", "add", "swdemo-v0", "type", "veth", "peer", "name", "swdemo-v1",
-        "netns", NS_BRANCH,
+        "-n",
+        NS_LAB,
+        "link",
+        "add",
+        "swdemo-v0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "swdemo-v1",
+        "netns",
+        NS_BRANCH,
     ])?;
-    ip(&["-n", NS_LAB, "addr", "add", &format!("{UNDER_LAB}/24"), "dev", "swdemo-v0"])?;
-    ip(&["-n", NS_BRANCH, "addr", "add", &format!("{UNDER_BRANCH}/24"), "dev", "swdemo-v1"])?;
+    ip(&[
+        "-n",
+        NS_LAB,
+        "addr",
+        "add",
+        &format!("{UNDER_LAB}/24"),
+        "dev",
+        "swdemo-v0",
+    ])?;
+    ip(&[
+        "-n",
+        NS_BRANCH,
+        "addr",
+        "add",
+        &format!("{UNDER_BRANCH}/24"),
+        "dev",
+        "swdemo-v1",
+    ])?;
     ip(&["-n", NS_LAB, "link", "set", "swdemo-v0", "up"])?;
     ip(&["-n", NS_BRANCH, "link", "set", "swdemo-v1", "up"])?;
-    ip(&["-n", NS_LAB, "addr", "add", &format!("{HOST_LAB}/24"), "dev", "lo"])?;
-    ip(&["-n", NS_BRANCH, "addr", "add", &format!("{HOST_BRANCH}/24"), "dev", "lo"])?;
+    ip(&[
+        "-n",
+        NS_LAB,
+        "addr",
+        "add",
+        &format!("{HOST_LAB}/24"),
+        "dev",
+        "lo",
+    ])?;
+    ip(&[
+        "-n",
+        NS_BRANCH,
+        "addr",
+        "add",
+        &format!("{HOST_BRANCH}/24"),
+        "dev",
+        "lo",
+    ])?;
     println!("namespaces {NS_LAB} and {NS_BRANCH} joined by a veth pair ({UNDER_LAB} <-> {UNDER_BRANCH})");
 
     let dir = std::env::temp_dir().join(format!("sitewire-demo-{}", std::process::id()));
@@ -206,16 +248,35 @@ fn demo(world: &Arc<Mutex<World>>, rt: &tokio::runtime::Runtime, keep: bool) -> 
     let branch_cfg = dir.join("branch.toml");
     std::fs::write(
         &lab_cfg,
-        site_config("lab", IF_LAB, "branch", &branch_key.public_key().to_base64(), UNDER_BRANCH, "10.10.0.0/24", "192.168.50.0/24"),
+        site_config(
+            "lab",
+            IF_LAB,
+            "branch",
+            &branch_key.public_key().to_base64(),
+            UNDER_BRANCH,
+            "10.10.0.0/24",
+            "192.168.50.0/24",
+        ),
     )?;
     std::fs::write(
         &branch_cfg,
-        site_config("branch", IF_BRANCH, "lab", &lab_key.public_key().to_base64(), UNDER_LAB, "192.168.50.0/24", "10.10.0.0/24"),
+        site_config(
+            "branch",
+            IF_BRANCH,
+            "lab",
+            &lab_key.public_key().to_base64(),
+            UNDER_LAB,
+            "192.168.50.0/24",
+            "10.10.0.0/24",
+        ),
     )?;
     println!("keys generated; configs in {}", dir.display());
 
     let exe = self_exe()?;
-    for (ns, cfg, name) in [(NS_LAB, &lab_cfg, "lab"), (NS_BRANCH, &branch_cfg, "branch")] {
+    for (ns, cfg, name) in [
+        (NS_LAB, &lab_cfg, "lab"),
+        (NS_BRANCH, &branch_cfg, "branch"),
+    ] {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
@@ -252,11 +313,29 @@ fn demo(world: &Arc<Mutex<World>>, rt: &tokio::runtime::Runtime, keep: bool) -> 
         std::thread::sleep(Duration::from_millis(100));
     };
     if !up {
-        bail!("tunnel did not come up within 15 s; logs in {}", dir.display());
+        bail!(
+            "tunnel did not come up within 15 s; logs in {}",
+            dir.display()
+        );
     }
-    println!("tunnel up after {:.0} ms", t0.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "tunnel up after {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
 
-    let out = in_ns(NS_LAB, &["netprobe", "ping", "--from", HOST_LAB, "--to", HOST_BRANCH, "--count", "10"])?;
+    let out = in_ns(
+        NS_LAB,
+        &[
+            "netprobe",
+            "ping",
+            "--from",
+            HOST_LAB,
+            "--to",
+            HOST_BRANCH,
+            "--count",
+            "10",
+        ],
+    )?;
     let ping: PingResult = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("ping probe: {}", String::from_utf8_lossy(&out.stderr)))?;
     let (min, avg, max) = rtt_summary(&ping.rtt_ms);
@@ -274,7 +353,12 @@ fn demo(world: &Arc<Mutex<World>>, rt: &tokio::runtime::Runtime, keep: bool) -> 
         .stdin(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(200));
-    let sent = in_ns(NS_LAB, &["netprobe", "send", "--from", HOST_LAB, "--to", &sink_addr, "--secs", "3"])?;
+    let sent = in_ns(
+        NS_LAB,
+        &[
+            "netprobe", "send", "--from", HOST_LAB, "--to", &sink_addr, "--secs", "3",
+        ],
+    )?;
     let received = sink.wait_with_output()?;
     let sent: TransferResult = serde_json::from_slice(&sent.stdout)
         .with_context(|| format!("tcp sender: {}", String::from_utf8_lossy(&sent.stderr)))?;
@@ -293,7 +377,10 @@ fn demo(world: &Arc<Mutex<World>>, rt: &tokio::runtime::Runtime, keep: bool) -> 
         println!();
     }
     if ping.received == 0 || received.bytes == 0 {
-        bail!("no traffic made it through the tunnel; logs in {}", dir.display());
+        bail!(
+            "no traffic made it through the tunnel; logs in {}",
+            dir.display()
+        );
     }
     if !keep {
         println!("stopping both sites");

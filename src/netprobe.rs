@@ -62,7 +62,12 @@ pub fn run(probe: Probe) -> Result<ExitCode> {
             to,
             count,
             interval_ms,
-        } => serde_json::to_string(&icmp_ping(from, to, count, Duration::from_millis(interval_ms))?)?,
+        } => serde_json::to_string(&icmp_ping(
+            from,
+            to,
+            count,
+            Duration::from_millis(interval_ms),
+        )?)?,
         Probe::Sink { listen } => serde_json::to_string(&tcp_sink(listen)?)?,
         Probe::Send { from, to, secs } => {
             serde_json::to_string(&tcp_send(from, to, Duration::from_secs(secs))?)?
@@ -130,7 +135,10 @@ fn icmp_ping(from: Ipv4Addr, to: Ipv4Addr, count: u32, interval: Duration) -> Re
             sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             let Ok(n) = sock.recv(&mut buf) else { break };
             // SAFETY: recv initialised the first n bytes.
-            let bytes: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let bytes: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
             if parse_echo_reply(&bytes) == Some((id, seq)) {
                 res.received += 1;
                 res.rtt_ms.push(t0.elapsed().as_secs_f64() * 1000.0);

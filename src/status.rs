@@ -143,9 +143,10 @@ impl SiteStatus {
             "TUNNEL", "STATE", "ENDPOINT", "HANDSHAKE", "RX", "TX", "RX PKTS", "TX PKTS"
         );
         for t in &self.tunnels {
-            let hs = t
-                .last_handshake_age_secs
-                .map_or_else(|| "never".to_owned(), |a| format!("{} ago", human_duration(a)));
+            let hs = t.last_handshake_age_secs.map_or_else(
+                || "never".to_owned(),
+                |a| format!("{} ago", human_duration(a)),
+            );
             let _ = writeln!(
                 s,
                 "  {:<16} {:<10} {:<22} {:<12} {:>10} {:>10} {:>9} {:>9}",

@@ -88,14 +88,19 @@ pub(super) fn build(text: &str, base_dir: &Path, path: PathBuf) -> Result<Config
         .min_by_key(|e| e.span().map_or(usize::MAX, |s| s.start))
     {
         let (line, message) = match e.span() {
-            Some(s) => (
-                Some(b.ctx.line(s.start)),
-                format!(
+            Some(s) => {
+                let mut message = format!(
                     "invalid TOML (column {}): {}",
                     b.ctx.column(s.start),
                     e.message()
-                ),
-            ),
+                );
+                if e.message() == "duplicate key" {
+                    if let Some(key) = text.get(s.clone()) {
+                        message.push_str(&format!(" {}", quote(key)));
+                    }
+                }
+                (Some(b.ctx.line(s.start)), message)
+            }
             None => (None, format!("invalid TOML: {}", e.message())),
         };
         return Err(ConfigErrors(vec![ConfigError {
@@ -246,7 +251,7 @@ impl Builder<'_> {
         let s = sec.string(&mut self.ctx, key)?;
         self.parse(&s, |text| {
             let d = values::duration(text)?;
-            check(d).map_err(|why| format!("{key} {}: {why}", quote(text)))?;
+            check(d).map_err(|why| format!("invalid {key} {}: {why}", quote(text)))?;
             Ok(d)
         })
         .map(Some)
@@ -343,7 +348,10 @@ impl Builder<'_> {
         let nets = address
             .iter()
             .map(|a| Located {
-                value: a.value.trunc(),
+                // The site's own address as a host route: a remote subnet may share the
+                // site's network (a road warrior's /32 in the overlay), but must not claim
+                // the site's own address.
+                value: IpNet::from(a.value.addr()),
                 path: a.path.clone(),
                 span: a.span.clone(),
             })
@@ -716,9 +724,9 @@ impl Builder<'_> {
                         ));
                     }
                 }
-                for a in site_nets.iter().filter(|a| overlaps(&r.value, &a.value)) {
+                for a in site_nets.iter().filter(|a| r.value == a.value) {
                     problems.push(format!(
-                        "remote subnet {} of {} overlaps the site's network {} ({}, line {})",
+                        "remote subnet {} of {} is this site's own address {} ({}, line {})",
                         r.value,
                         t.label,
                         a.value,

@@ -344,6 +344,18 @@ fn site_values() {
     has_error(&errors, "site.mtu", 6, "expected 576 to 9000");
     assert_eq!(errors.len(), 4);
 
+    for port in ["51_820", "0xCA6C", "+51820"] {
+        let text = site().replace("51820", port);
+        assert_eq!(d.parse(&text).unwrap().site.listen_port, 51820, "{port}");
+    }
+    let text = site().replace("51820", "-1");
+    one_error(
+        &d.errors(&text),
+        "site.listen_port",
+        4,
+        "invalid listen_port -1",
+    );
+
     let text = site() + "address = [\"fd00::1/64\"]\nmtu = 1200\n";
     one_error(&d.errors(&text), "site.mtu", 7, "IPv6 needs at least 1280");
     let text = site() + "address = [\"10.0.0.1/24\"]\nmtu = 1200\n";
@@ -492,7 +504,8 @@ fn tunnel_conflicts() {
         + &wg_tunnel("a", "10.1.2.0/24")
         + "local_subnets = [\"10.10.0.0/24\"]\n"
         + &wg_tunnel("c", "10.10.0.128/25")
-        + &wg_tunnel("d", "10.77.0.5/32");
+        + &wg_tunnel("d", "10.77.0.1/32")
+        + &wg_tunnel("e", "10.77.0.5/32");
     let errors = d.errors(&text);
     has_error(
         &errors,
@@ -516,7 +529,7 @@ fn tunnel_conflicts() {
         &errors,
         "tunnel[3].remote_subnets[0]",
         27,
-        "overlaps the site's network 10.77.0.0/24 (site.address, line 2)",
+        "is this site's own address 10.77.0.1/32 (site.address, line 2)",
     );
     assert_eq!(errors.len(), 4, "{errors:#?}");
 }

@@ -180,13 +180,11 @@ impl WgTunnel {
                     self.stats.drops.add(DropReason::RateLimited);
                 } else {
                     // Flush packets queued while the handshake was in flight.
-                    loop {
-                        match live.tunn.decapsulate(None, &[], out) {
-                            TunnResult::WriteToNetwork(d) => match wire.send_to(d, src) {
-                                Ok(_) => self.stats.count_tx(d.len()),
-                                Err(_) => self.stats.drops.add(DropReason::IoError),
-                            },
-                            _ => break,
+                    while let TunnResult::WriteToNetwork(d) = live.tunn.decapsulate(None, &[], out)
+                    {
+                        match wire.send_to(d, src) {
+                            Ok(_) => self.stats.count_tx(d.len()),
+                            Err(_) => self.stats.drops.add(DropReason::IoError),
                         }
                     }
                 }
@@ -237,10 +235,10 @@ impl WgTunnel {
         let mut live = lock(&self.live);
         match live.tunn.update_timers(out) {
             TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
-            TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                if !self.expired.swap(true, Relaxed) {
-                    tracing::warn!(tunnel = %self.spec.name, "handshakes failing: peer not answering");
-                }
+            TunnResult::Err(WireGuardError::ConnectionExpired)
+                if !self.expired.swap(true, Relaxed) =>
+            {
+                tracing::warn!(tunnel = %self.spec.name, "handshakes failing: peer not answering");
             }
             _ => {}
         }

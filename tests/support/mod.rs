@@ -19,8 +19,9 @@
 //! behind; the next `Topo::new` sweeps them using the state files in [`STATE_DIR`].
 #![allow(dead_code, unused_imports)]
 
-mod traffic;
-mod wg;
+pub mod site;
+pub mod traffic;
+pub mod wg;
 
 pub use traffic::{parse_ping, IperfResult, PingStats};
 pub use wg::{parse_wg_dump, wg_genkey, within_connected, WgPeer};
@@ -39,6 +40,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where wireguard-go, `wg` and sitewire keep UAPI sockets (shared by all namespaces).
 pub const UAPI_DIR: &str = "/var/run/wireguard";
+/// Where sitewire keeps its control sockets (`<interface>.sock`).
+pub const CONTROL_DIR: &str = "/run/sitewire";
 /// Per-topology state files (owner PID + spawned PIDs) used to sweep after a killed test run.
 pub const STATE_DIR: &str = "/run/sitewire-tests";
 /// Default timeout of [`Topo::exec`].
@@ -734,8 +737,11 @@ fn host_run(cmd: &[&str]) {
     }
 }
 
+/// Removes `<prefix>*.sock` from the UAPI and sitewire control socket directories (left behind
+/// when a daemon is SIGKILLed; interface names carry the topology prefix).
 fn remove_uapi_sockets(prefix: &str) {
-    if let Ok(rd) = fs::read_dir(UAPI_DIR) {
+    for dir in [UAPI_DIR, CONTROL_DIR] {
+        let Ok(rd) = fs::read_dir(dir) else { continue };
         for e in rd.filter_map(|e| e.ok()) {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with(prefix) && n.ends_with(".sock") {

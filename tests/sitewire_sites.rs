@@ -1,0 +1,288 @@
+//! Two sitewire sites in network namespaces: traffic, status, clean shutdown, endpoint
+//! failover, and the shipped example configs.
+
+mod support;
+
+use std::time::Duration;
+
+use support::site::{status, tunnel_status, wait_tunnel_up, SiteConfig};
+use support::{prereq, wait_until, Site, Topo};
+
+struct Pair {
+    topo: Topo,
+    a: support::Proc,
+    b: support::Proc,
+    if_a: String,
+    if_b: String,
+}
+
+/// Builds site a's endpoint list from the topology.
+type Endpoints<'a> = &'a dyn Fn(&Topo) -> Vec<String>;
+
+/// Two sites; `a_endpoints` lets a test give site a extra (dead) endpoints first.
+fn two_sites(
+    tag: &str,
+    a_endpoints: Option<Endpoints<'_>>,
+    b_has_endpoint: bool,
+) -> Pair {
+    let topo = Topo::new(tag);
+    let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
+    let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
+    let port = topo.port(0);
+    let ep_a = match a_endpoints {
+        Some(f) => f(&topo),
+        None => vec![format!("{}:{port}", topo.underlay_b)],
+    };
+    let ep_b = if b_has_endpoint {
+        vec![format!("{}:{port}", topo.underlay_a)]
+    } else {
+        vec![]
+    };
+    let cfg_a = SiteConfig {
+        name: "a",
+        iface: &if_a,
+        port,
+        key_path: &ka.path,
+        tunnel: "to-b",
+        peer_public: &kb.public,
+        endpoints: &ep_a,
+        local: &topo.subnet_a,
+        remote: &topo.subnet_b,
+        extra: "",
+    }
+    .render();
+    let cfg_b = SiteConfig {
+        name: "b",
+        iface: &if_b,
+        port,
+        key_path: &kb.path,
+        tunnel: "to-a",
+        peer_public: &ka.public,
+        endpoints: &ep_b,
+        local: &topo.subnet_b,
+        remote: &topo.subnet_a,
+        extra: "",
+    }
+    .render();
+    let b = topo.start_sitewire(Site::B, "b", &cfg_b);
+    let a = topo.start_sitewire(Site::A, "a", &cfg_a);
+    Pair {
+        topo,
+        a,
+        b,
+        if_a,
+        if_b,
+    }
+}
+
+#[test]
+fn two_sites_pass_ping_and_tcp_both_ways() {
+    if !prereq(&["ping", "iperf3"]) {
+        return;
+    }
+    let p = two_sites("sites", None, true);
+    let t = &p.topo;
+    assert!(
+        wait_tunnel_up(&p.if_a, "to-b", Duration::from_secs(10)),
+        "tunnel not up:\n{}\n{}",
+        p.a.log(),
+        p.b.log()
+    );
+    assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(5)));
+    let ping = t.ping(&t.ns_a, t.host_a, t.host_b, 50, 0.02);
+    assert_eq!(ping.received, 50, "a->b ping lost packets: {ping:?}");
+    let ping = t.ping(&t.ns_b, t.host_b, t.host_a, 50, 0.02);
+    assert_eq!(ping.received, 50, "b->a ping lost packets: {ping:?}");
+
+    let before = tunnel_status(&p.if_a, "to-b");
+    let fwd = t.iperf3_tcp(&t.ns_b, t.host_b, &t.ns_a, t.host_a, 2, 1, false);
+    let rev = t.iperf3_tcp(&t.ns_b, t.host_b, &t.ns_a, t.host_a, 2, 1, true);
+    assert!(fwd.bytes_received > 1_000_000, "a->b TCP: {fwd:?}");
+    assert!(rev.bytes_received > 1_000_000, "b->a TCP: {rev:?}");
+    let after = tunnel_status(&p.if_a, "to-b");
+    let tx = after["tx_bytes"].as_u64().unwrap() - before["tx_bytes"].as_u64().unwrap();
+    let rx = after["rx_bytes"].as_u64().unwrap() - before["rx_bytes"].as_u64().unwrap();
+    // Wire bytes carry each TCP payload plus IP/TCP headers and 32 bytes of WireGuard.
+    assert!(
+        tx >= fwd.bytes_received,
+        "tx {tx} < TCP bytes {}",
+        fwd.bytes_received
+    );
+    assert!(
+        rx >= rev.bytes_received,
+        "rx {rx} < TCP bytes {}",
+        rev.bytes_received
+    );
+    assert!(
+        tx < fwd.bytes_received * 2 + rev.bytes_received,
+        "tx {tx} implausibly large"
+    );
+
+    let st = status(&p.if_a);
+    assert_eq!(st["site"], "a");
+    let tun = &st["tunnels"][0];
+    assert_eq!(tun["state"], "up");
+    assert_eq!(tun["endpoint"], format!("{}:{}", t.underlay_b, t.port(0)));
+    assert!(tun["last_handshake"].as_u64().unwrap() > 1_700_000_000);
+    assert!(tun["rx_inner_packets"].as_u64().unwrap() >= 100);
+    // Human output names the tunnel and its state.
+    let human = support::host_exec_ok(
+        &[support::sitewire_bin(), "status", "--interface", &p.if_a],
+        None,
+    );
+    assert!(human.contains("to-b") && human.contains("up"), "{human}");
+
+    // Graceful stop: exit 0, routes, TUN and sockets gone.
+    let code = p.a.stop(Duration::from_secs(5));
+    assert!(
+        code.success(),
+        "sitewire exited with {code}:\n{}",
+        p.a.log()
+    );
+    let routes = t.exec_ok(&t.ns_a, &["ip", "route", "show", "proto", "77"]);
+    assert!(routes.trim().is_empty(), "routes left behind: {routes}");
+    let link = t.exec(&t.ns_a, &["ip", "link", "show", "dev", &p.if_a]);
+    assert!(!link.status.success(), "TUN {} left behind", p.if_a);
+    assert!(!std::path::Path::new(&format!("/run/sitewire/{}.sock", p.if_a)).exists());
+    assert!(!std::path::Path::new(&format!("/var/run/wireguard/{}.sock", p.if_a)).exists());
+    drop(p.b);
+}
+
+#[test]
+fn responder_without_endpoint_learns_it() {
+    if !prereq(&["ping"]) {
+        return;
+    }
+    let p = two_sites("learn", None, false);
+    let t = &p.topo;
+    assert!(
+        wait_tunnel_up(&p.if_b, "to-a", Duration::from_secs(10)),
+        "{}",
+        p.b.log()
+    );
+    let st = tunnel_status(&p.if_b, "to-a");
+    assert_eq!(st["endpoint"], format!("{}:{}", t.underlay_a, t.port(0)));
+    // b can now reach a on its own.
+    assert!(t.wait_ping(&t.ns_b, t.host_b, t.host_a, Duration::from_secs(5)));
+}
+
+#[test]
+fn dead_first_endpoint_fails_over_to_the_next() {
+    if !prereq(&["ping"]) {
+        return;
+    }
+    // The first endpoint is a port on the peer's address that nobody listens on.
+    let eps = |t: &Topo| {
+        vec![
+            format!("{}:{}", t.underlay_b, t.port(1)),
+            format!("{}:{}", t.underlay_b, t.port(0)),
+        ]
+    };
+    let p = two_sites("failover", Some(&eps), false);
+    let t = &p.topo;
+    let started = std::time::Instant::now();
+    let up = wait_tunnel_up(&p.if_a, "to-b", Duration::from_secs(30));
+    assert!(up, "no failover within 30 s:\n{}", p.a.log());
+    let took = started.elapsed();
+    let st = tunnel_status(&p.if_a, "to-b");
+    assert_eq!(
+        st["endpoint"],
+        format!("{}:{}", t.underlay_b, t.port(0)),
+        "{st}"
+    );
+    assert!(p.a.log().contains("trying next endpoint"), "{}", p.a.log());
+    eprintln!("failover took {took:?}");
+    assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(5)));
+}
+
+#[test]
+fn example_configs_work_together() {
+    if !prereq(&["ping"]) {
+        return;
+    }
+    let t = Topo::new("examples");
+    // The examples' own addresses, inside this test's namespaces only.
+    t.exec_ok(
+        &t.ns_a,
+        &["ip", "addr", "add", "198.51.100.1/24", "dev", &t.veth_a],
+    );
+    t.exec_ok(
+        &t.ns_b,
+        &["ip", "addr", "add", "198.51.100.2/24", "dev", &t.veth_b],
+    );
+    t.exec_ok(&t.ns_a, &["ip", "addr", "add", "10.10.0.1/24", "dev", "lo"]);
+    t.exec_ok(
+        &t.ns_b,
+        &["ip", "addr", "add", "192.168.50.1/24", "dev", "lo"],
+    );
+    let dir = t.tempdir();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let (ka, kb) = (t.sitewire_key("lab"), t.sitewire_key("branch"));
+    std::fs::rename(&ka.path, dir.join("keys/lab.key")).unwrap();
+    std::fs::rename(&kb.path, dir.join("keys/branch.key")).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let lab = std::fs::read_to_string(format!("{root}/examples/lab.toml")).unwrap();
+    let branch = std::fs::read_to_string(format!("{root}/examples/branch.toml")).unwrap();
+    // Only what must differ per machine changes: interface names (unique per test run) and
+    // the keys generated above.
+    let (if_a, if_b) = (t.ifname("lab"), t.ifname("br"));
+    let lab = swap_line(
+        &swap_line(&lab, "interface = ", &format!("\"{if_a}\"")),
+        "peer_public_key = ",
+        &format!("\"{}\"", kb.public),
+    );
+    let branch = swap_line(
+        &swap_line(&branch, "interface = ", &format!("\"{if_b}\"")),
+        "peer_public_key = ",
+        &format!("\"{}\"", ka.public),
+    );
+    for (name, text) in [("lab", &lab), ("branch", &branch)] {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(support::sitewire_bin())
+            .args(["check", "-c", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = t.start_sitewire(Site::A, "lab", &lab);
+    let _b = t.start_sitewire(Site::B, "branch", &branch);
+    assert!(
+        wait_tunnel_up(&if_a, "branch", Duration::from_secs(10)),
+        "{}",
+        a.log()
+    );
+    let ping = t.ping(
+        &t.ns_a,
+        "10.10.0.1".parse().unwrap(),
+        "192.168.50.1".parse().unwrap(),
+        20,
+        0.02,
+    );
+    assert_eq!(ping.received, 20, "{ping:?}");
+    // The TUN carries the example's own address.
+    let addrs = t.exec_ok(&t.ns_a, &["ip", "-o", "addr", "show", "dev", &if_a]);
+    assert!(addrs.contains("10.77.0.1/24"), "{addrs}");
+    assert!(wait_until(
+        Duration::from_secs(2),
+        Duration::from_millis(100),
+        || { status(&if_b)["tunnels"][0]["state"] == "up" }
+    ));
+}
+
+fn swap_line(text: &str, key: &str, value: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with(key) {
+                format!("{key}{value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
