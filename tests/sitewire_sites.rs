@@ -20,11 +20,7 @@ struct Pair {
 type Endpoints<'a> = &'a dyn Fn(&Topo) -> Vec<String>;
 
 /// Two sites; `a_endpoints` lets a test give site a extra (dead) endpoints first.
-fn two_sites(
-    tag: &str,
-    a_endpoints: Option<Endpoints<'_>>,
-    b_has_endpoint: bool,
-) -> Pair {
+fn two_sites(tag: &str, a_endpoints: Option<Endpoints<'_>>, b_has_endpoint: bool) -> Pair {
     let topo = Topo::new(tag);
     let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
     let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
@@ -285,4 +281,85 @@ fn swap_line(text: &str, key: &str, value: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[test]
+fn peer_that_moves_is_followed() {
+    if !prereq(&["ping"]) {
+        return;
+    }
+    let t = Topo::new("roam");
+    let (if_a, if_b) = (t.ifname("sa"), t.ifname("sb"));
+    let (ka, kb) = (t.sitewire_key("a"), t.sitewire_key("b"));
+    let port = t.port(0);
+    let ep_a = vec![format!("{}:{port}", t.underlay_b)];
+    let ep_b = vec![format!("{}:{port}", t.underlay_a)];
+    let site = |name, iface, key: &str, tunnel, peer: &str, eps, local, remote, extra| {
+        SiteConfig {
+            name,
+            iface,
+            port,
+            key_path: key,
+            tunnel,
+            peer_public: peer,
+            endpoints: eps,
+            local,
+            remote,
+            extra,
+        }
+        .render()
+    };
+    let cfg_a = site(
+        "a",
+        &if_a,
+        &ka.path,
+        "to-b",
+        &kb.public,
+        &ep_a,
+        &t.subnet_a,
+        &t.subnet_b,
+        "persistent_keepalive = \"1s\"",
+    );
+    let cfg_b = site(
+        "b",
+        &if_b,
+        &kb.path,
+        "to-a",
+        &ka.public,
+        &ep_b,
+        &t.subnet_b,
+        &t.subnet_a,
+        "",
+    );
+    let _b = t.start_sitewire(Site::B, "b", &cfg_b);
+    let a = t.start_sitewire(Site::A, "a", &cfg_a);
+    assert!(
+        wait_tunnel_up(&if_b, "to-a", Duration::from_secs(10)),
+        "{}",
+        a.log()
+    );
+
+    // Site a's underlay address changes (a new uplink, say).
+    let o = t.underlay_a.octets();
+    let moved = std::net::Ipv4Addr::new(o[0], o[1], o[2], 3);
+    // (Deleting a primary address also deletes its secondaries: delete first, then add.)
+    let dev = t.veth_a.as_str();
+    let old = format!("{}/24", t.underlay_a);
+    t.exec_ok(&t.ns_a, &["ip", "addr", "del", &old, "dev", dev]);
+    t.exec_ok(
+        &t.ns_a,
+        &["ip", "addr", "add", &format!("{moved}/24"), "dev", dev],
+    );
+    let followed = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        tunnel_status(&if_b, "to-a")["endpoint"] == format!("{moved}:{port}")
+    });
+    assert!(
+        followed,
+        "b did not follow a: {}\na: {}\n{}",
+        tunnel_status(&if_b, "to-a"),
+        tunnel_status(&if_a, "to-b"),
+        a.log()
+    );
+    let ping = t.ping(&t.ns_b, t.host_b, t.host_a, 10, 0.05);
+    assert_eq!(ping.received, 10, "{ping:?}");
 }

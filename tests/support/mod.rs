@@ -674,6 +674,24 @@ impl Topo {
         }
         for ns in [&self.ns_a, &self.ns_b] {
             if netns_exists(ns) {
+                // Processes we did not start (e.g. grandchildren of a registered one) are not
+                // killed; they keep the namespace alive after `ip netns del`, so say so.
+                if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                    let pids = String::from_utf8_lossy(&o.stdout).split_whitespace().fold(
+                        String::new(),
+                        |acc, pid| {
+                            let comm =
+                                fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                            format!("{acc} {pid}({})", comm.trim())
+                        },
+                    );
+                    if !pids.is_empty() {
+                        eprintln!(
+                            "topo {}: unregistered processes left in {ns} (not killed):{pids}",
+                            self.prefix
+                        );
+                    }
+                }
                 let out = Command::new("ip").args(["netns", "del", ns]).output();
                 if let Ok(o) = out {
                     if !o.status.success() {
