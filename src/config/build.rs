@@ -12,7 +12,7 @@ use super::doc::{Ctx, Section, Str, StrList};
 use super::values::{self, quote, ProposalKind};
 use super::{
     Config, ConfigError, ConfigErrors, Dpd, DpdAction, Endpoint, IpNet, KeyRef, Keying, Metrics,
-    PeerKey, Protocol, Site, StartAction, Tunnel,
+    PeerKey, Probe, Protocol, Site, StartAction, Tunnel,
 };
 
 const ROOT_KEYS: &[&str] = &["site", "metrics", "tunnel"];
@@ -26,6 +26,7 @@ const SITE_KEYS: &[&str] = &[
 ];
 const METRICS_KEYS: &[&str] = &["listen"];
 const DPD_KEYS: &[&str] = &["interval", "timeout", "action"];
+const PROBE_KEYS: &[&str] = &["target", "interval", "source"];
 const WIREGUARD_ONLY: &[&str] = &["peer_public_key", "keying", "persistent_keepalive"];
 const IPSEC_ONLY: &[&str] = &[
     "local_id",
@@ -51,12 +52,14 @@ const TUNNEL_KEYS: &[&str] = &[
     "ike_proposals",
     "esp_proposals",
     "start_action",
+    "probe",
 ];
 
 const DEFAULT_MTU: u16 = 1420;
 const DEFAULT_REKEY: Duration = Duration::from_secs(120);
 const DEFAULT_IKE_PROPOSAL: &str = "aes256gcm16-prfsha256-x25519";
 const DEFAULT_ESP_PROPOSAL: &str = "aes256gcm16";
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A value with the place it came from.
 #[derive(Debug, Clone)]
@@ -509,6 +512,12 @@ impl Builder<'_> {
             Some(StartAction::Start)
         };
 
+        let probe = match sec.table(&mut self.ctx, "probe") {
+            Some(p) => self.probe(&p, &local, &remote).map(Some),
+            None if sec.has("probe") => None,
+            None => Some(None),
+        };
+
         let info = TunnelInfo {
             label: match &name {
                 Some(n) => format!("tunnel {}", quote(&n.value)),
@@ -536,6 +545,7 @@ impl Builder<'_> {
                 ike_proposals: ike_proposals?,
                 esp_proposals: esp_proposals?,
                 start_action: start_action?,
+                probe: probe?,
                 line,
             })
         })();
@@ -615,6 +625,93 @@ impl Builder<'_> {
             return None;
         }
         Some(dpd)
+    }
+
+    /// `probe = { target, interval, source }`. Subnets that failed to parse are simply
+    /// not checked against (their own errors are already reported).
+    fn probe(
+        &mut self,
+        sec: &Section<'_, '_>,
+        local: &[Located<IpNet>],
+        remote: &[Located<IpNet>],
+    ) -> Option<Probe> {
+        sec.check_unknown(&mut self.ctx, PROBE_KEYS);
+        let ipv4 = |key: &'static str| {
+            move |text: &str| match text.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(a)) => Ok(a),
+                Ok(std::net::IpAddr::V6(_)) => Err(format!(
+                    "probe {key} {}: IPv6 probes are not supported yet",
+                    quote(text)
+                )),
+                Err(_) => Err(format!(
+                    "invalid probe {key} {}: expected an IPv4 address",
+                    quote(text)
+                )),
+            }
+        };
+        let target = sec.required_string(&mut self.ctx, "target").and_then(|s| {
+            let a = self.parse(&s, ipv4("target"))?;
+            let ip = std::net::IpAddr::V4(a);
+            if !remote.is_empty() && !remote.iter().any(|n| n.value.contains(&ip)) {
+                let nets: Vec<String> = remote.iter().map(|n| n.value.to_string()).collect();
+                self.ctx.error(
+                    &s.path,
+                    s.span.clone(),
+                    format!(
+                        "probe target {a} is not inside the tunnel's remote_subnets ({}): \
+                             the probe must travel through the tunnel",
+                        nets.join(", ")
+                    ),
+                );
+                return None;
+            }
+            Some(a)
+        });
+        let source = match sec.string(&mut self.ctx, "source") {
+            None if sec.has("source") => None,
+            None => Some(None),
+            Some(s) => self.parse(&s, ipv4("source")).and_then(|a| {
+                let ip = std::net::IpAddr::V4(a);
+                if !local.is_empty() && !local.iter().any(|n| n.value.contains(&ip)) {
+                    let nets: Vec<String> = local.iter().map(|n| n.value.to_string()).collect();
+                    self.ctx.error(
+                        &s.path,
+                        s.span.clone(),
+                        format!(
+                            "probe source {a} is not inside the tunnel's local_subnets ({}): \
+                             the peer would drop the probe",
+                            nets.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                Some(Some(a))
+            }),
+        };
+        let interval = self.duration(sec, "interval", |d| {
+            if d < Duration::from_secs(1) {
+                Err("expected at least 1s".into())
+            } else if d > Duration::from_secs(3600) {
+                Err("expected at most 1h".into())
+            } else {
+                Ok(())
+            }
+        });
+        let has_v4_local =
+            local.is_empty() || local.iter().any(|n| matches!(n.value, IpNet::V4(_)));
+        if source == Some(None) && !has_v4_local {
+            self.ctx.error(
+                &sec.path,
+                sec.span.clone(),
+                "probe needs an IPv4 source: add `source` or an IPv4 local subnet",
+            );
+            return None;
+        }
+        Some(Probe {
+            target: target?,
+            source: source?,
+            interval: interval?.unwrap_or(DEFAULT_PROBE_INTERVAL),
+        })
     }
 
     fn identity(

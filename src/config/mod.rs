@@ -110,6 +110,42 @@ impl Default for Dpd {
     }
 }
 
+/// `probe = { target = "192.168.50.1", interval = "5s" }`: an ICMP echo sent by the
+/// daemon itself through the tunnel, timed when the reply comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// A host inside the tunnel's remote subnets (IPv4).
+    pub target: std::net::Ipv4Addr,
+    /// Source address of the echo requests, inside the local subnets. Replies to it are
+    /// consumed by the daemon and never reach the TUN. `None`: see [`Probe::source_for`].
+    pub source: Option<std::net::Ipv4Addr>,
+    pub interval: Duration,
+}
+
+impl Probe {
+    /// The configured source, else the site's first IPv4 address inside the local
+    /// subnets (any, if there are none), else the first host of the first IPv4 local
+    /// subnet.
+    pub fn source_for(&self, site: &Site, local_subnets: &[IpNet]) -> Option<std::net::Ipv4Addr> {
+        use std::net::IpAddr;
+        if let Some(s) = self.source {
+            return Some(s);
+        }
+        let inside =
+            |a: &IpAddr| local_subnets.is_empty() || local_subnets.iter().any(|n| n.contains(a));
+        let from_site = site.address.iter().find_map(|a| match a.addr() {
+            IpAddr::V4(v4) if inside(&a.addr()) => Some(v4),
+            _ => None,
+        });
+        from_site.or_else(|| {
+            local_subnets.iter().find_map(|n| match n {
+                IpNet::V4(v4) => v4.hosts().next(),
+                IpNet::V6(_) => None,
+            })
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StartAction {
     Start,
@@ -141,6 +177,7 @@ pub struct Tunnel {
     pub ike_proposals: Vec<String>,
     pub esp_proposals: Vec<String>,
     pub start_action: StartAction,
+    pub probe: Option<Probe>,
     /// Line of the `[[tunnel]]` header.
     pub line: usize,
 }

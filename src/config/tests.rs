@@ -798,3 +798,115 @@ fn load_reads_files() {
         .to_string()
         .starts_with("cannot read config file /nonexistent/sitewire.toml"));
 }
+
+#[test]
+fn probes() {
+    let d = Dir::new();
+    let text = site()
+        + &wg_tunnel("a", "10.1.0.0/16")
+        + "local_subnets = [\"10.9.0.0/24\"]\n\
+           probe = { target = \"10.1.2.3\", interval = \"2s\", source = \"10.9.0.7\" }\n"
+        + &wg_tunnel("b", "10.2.0.0/16")
+        + "probe = { target = \"10.2.0.1\" }\n";
+    let c = d.parse(&text).unwrap();
+    let p = c.tunnels[0].probe.unwrap();
+    assert_eq!(p.target, "10.1.2.3".parse::<std::net::Ipv4Addr>().unwrap());
+    assert_eq!(p.source, Some("10.9.0.7".parse().unwrap()));
+    assert_eq!(p.interval, Duration::from_secs(2));
+    let p = c.tunnels[1].probe.unwrap();
+    assert_eq!(p.interval, Duration::from_secs(5));
+    assert_eq!(p.source, None);
+    assert_eq!(c.tunnels[1].probe, c.tunnel("b").unwrap().probe);
+    assert_eq!(
+        c.tunnels[0]
+            .probe
+            .unwrap()
+            .source_for(&c.site, &c.tunnels[0].local_subnets),
+        p.source.or("10.9.0.7".parse().ok())
+    );
+
+    let text = site()
+        + &wg_tunnel("a", "10.1.0.0/16")
+        + "local_subnets = [\"10.9.0.0/24\"]\n\
+           probe = { target = \"10.7.0.1\", interval = \"100ms\", source = \"10.8.0.1\" }\n"
+        + &wg_tunnel("b", "10.2.0.0/16")
+        + "probe = { target = \"fd00::1\", tagret = \"x\" }\n"
+        + &wg_tunnel("c", "10.3.0.0/16")
+        + "probe = { interval = \"1s\", source = \"nope\" }\n"
+        + &wg_tunnel("d", "10.4.0.0/16")
+        + "probe = \"10.4.0.1\"\n";
+    let errors = d.errors(&text);
+    has_error(
+        &errors,
+        "tunnel[0].probe.target",
+        12,
+        "probe target 10.7.0.1 is not inside the tunnel's remote_subnets (10.1.0.0/16)",
+    );
+    has_error(
+        &errors,
+        "tunnel[0].probe.interval",
+        12,
+        "expected at least 1s",
+    );
+    has_error(
+        &errors,
+        "tunnel[0].probe.source",
+        12,
+        "probe source 10.8.0.1 is not inside the tunnel's local_subnets (10.9.0.0/24)",
+    );
+    has_error(
+        &errors,
+        "tunnel[1].probe.target",
+        18,
+        "IPv6 probes are not supported yet",
+    );
+    has_error(
+        &errors,
+        "tunnel[1].probe.tagret",
+        18,
+        "unknown key `tagret`, did you mean `target`?",
+    );
+    has_error(
+        &errors,
+        "tunnel[2].probe.target",
+        24,
+        "missing required key `target`",
+    );
+    has_error(
+        &errors,
+        "tunnel[2].probe.source",
+        24,
+        "invalid probe source \"nope\": expected an IPv4 address",
+    );
+    has_error(
+        &errors,
+        "tunnel[3].probe",
+        30,
+        "expected a table, found a string",
+    );
+    assert_eq!(errors.len(), 8, "{errors:#?}");
+}
+
+#[test]
+fn probe_source_defaults() {
+    let d = Dir::new();
+    let text = site().replace(
+        "private_key",
+        "address = [\"fd00::1/64\", \"10.9.0.1/24\"]\nprivate_key",
+    ) + &wg_tunnel("a", "10.1.0.0/16")
+        + "local_subnets = [\"10.9.0.0/24\"]\nprobe = { target = \"10.1.0.1\" }\n"
+        + &wg_tunnel("b", "10.2.0.0/16")
+        + "local_subnets = [\"10.5.0.0/24\"]\nprobe = { target = \"10.2.0.1\" }\n";
+    let c = d.parse(&text).unwrap();
+    let src = |i: usize| {
+        let t = &c.tunnels[i];
+        t.probe
+            .unwrap()
+            .source_for(&c.site, &t.local_subnets)
+            .unwrap()
+            .to_string()
+    };
+    // The site's own address if it is inside the local subnets, else the first host.
+    assert_eq!(src(0), "10.9.0.1");
+    assert_eq!(src(1), "10.5.0.1");
+}
