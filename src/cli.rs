@@ -62,6 +62,23 @@ enum Command {
         #[arg(short, long)]
         interface: Option<String>,
     },
+    /// Make a running site re-read its configuration and apply the difference.
+    ///
+    /// The new configuration is validated first; a bad one is refused with every problem
+    /// and the running configuration stays. Unchanged tunnels keep their sessions.
+    /// Same as SIGHUP (`systemctl reload`), but waits for the outcome.
+    Reload {
+        /// Configuration file to load; the daemon is found by its [site] interface.
+        /// Default: the daemon re-reads the file it runs from.
+        #[arg(short, long, conflicts_with = "interface")]
+        config: Option<PathBuf>,
+        /// The site's interface; default: every site running on this host.
+        #[arg(short, long)]
+        interface: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Two sites in network namespaces, traffic between them, status of both; then cleanup.
     Demo {
         /// Leave the namespaces and daemons running until Ctrl-C.
@@ -141,6 +158,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             interface,
         } => runtime()?.block_on(status(json, config, interface)),
+        Command::Reload {
+            config,
+            interface,
+            json,
+        } => runtime()?.block_on(reload(config, interface, json)),
         Command::Demo { keep } => {
             init_logging(cli.log_format, &cli.log_level)?;
             crate::demo::run(keep)
@@ -176,6 +198,96 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// The `[site] interface` of a config file, read leniently (so that a file with errors
+/// still finds its daemon, which then reports the errors).
+fn interface_of(path: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let iface = toml::from_str::<toml::Table>(&text).ok().and_then(|t| {
+        t.get("site")?
+            .get("interface")?
+            .as_str()
+            .map(str::to_string)
+    });
+    match iface {
+        Some(i) => Ok(i),
+        None => {
+            let problems = match Config::load(path) {
+                Err(e) => e.to_string(),
+                Ok(_) => String::new(),
+            };
+            bail!(
+                "{}: cannot tell which site to reload (no [site] interface):\n{problems}",
+                path.display()
+            )
+        }
+    }
+}
+
+fn running_sockets() -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(control::CONTROL_DIR)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    if v.is_empty() {
+        bail!("no running sitewire site found in {}", control::CONTROL_DIR);
+    }
+    Ok(v)
+}
+
+async fn reload(
+    config: Option<PathBuf>,
+    interface: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let (sockets, file) = match (config, interface) {
+        (Some(c), _) => {
+            let c = std::path::absolute(&c).unwrap_or(c);
+            (
+                vec![control::control_socket_path(&interface_of(&c)?)],
+                Some(c),
+            )
+        }
+        (None, Some(i)) => (vec![control::control_socket_path(&i)], None),
+        (None, None) => (running_sockets()?, None),
+    };
+    let mut ok = true;
+    let mut outcomes = Vec::new();
+    for s in &sockets {
+        let req = Request::Reload {
+            config: file.clone(),
+        };
+        match control::request(s, &req).await? {
+            Response::Reload(o) => {
+                ok &= o.applied;
+                if !json {
+                    print!("{}", o.render());
+                }
+                outcomes.push(*o);
+            }
+            Response::Error(e) => bail!("daemon at {}: {e}", s.display()),
+            other => bail!("daemon at {}: unexpected answer {other:?}", s.display()),
+        }
+    }
+    if json {
+        let v = if outcomes.len() == 1 {
+            serde_json::to_string_pretty(&outcomes[0])?
+        } else {
+            serde_json::to_string_pretty(&outcomes)?
+        };
+        println!("{v}");
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 async fn status(
     json: bool,
     config: Option<PathBuf>,
@@ -205,6 +317,7 @@ async fn status(
         match control::request(s, &Request::Status).await? {
             Response::Status(st) => all.push(*st),
             Response::Error(e) => bail!("daemon at {}: {e}", s.display()),
+            other => bail!("daemon at {}: unexpected answer {other:?}", s.display()),
         }
     }
     if json {

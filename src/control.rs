@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::dataplane::Dataplane;
+use crate::reload::{ReloadOutcome, ReloadRequest};
 use crate::status::SiteStatus;
 
 /// Directory of control sockets, one per interface.
@@ -34,12 +35,19 @@ pub fn uapi_socket_path(interface: &str) -> PathBuf {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Re-read the configuration (`config`: another file to read instead of the
+    /// daemon's own) and apply the difference; see [`crate::reload`].
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Box<SiteStatus>),
+    Reload(Box<ReloadOutcome>),
     Error(String),
 }
 
@@ -49,6 +57,8 @@ pub struct SiteView {
     pub interface: String,
     pub dataplane: Arc<Dataplane>,
     pub started: std::time::SystemTime,
+    /// Where reload requests go (the daemon's main loop); None: reload not offered.
+    pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
 }
 
 impl SiteView {
@@ -103,12 +113,27 @@ async fn control_conn(stream: UnixStream, view: &SiteView) -> Result<()> {
         .await?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Response::Status(Box::new(view.status())),
+        Ok(Request::Reload { config }) => reload_request(view, config).await,
         Err(e) => Response::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     wr.write_all(&out).await?;
     Ok(())
+}
+
+async fn reload_request(view: &SiteView, config: Option<PathBuf>) -> Response {
+    let Some(tx) = &view.reload else {
+        return Response::Error("this daemon does not support reload".into());
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send(ReloadRequest { config, reply }).await.is_err() {
+        return Response::Error("the daemon is shutting down".into());
+    }
+    match answer.await {
+        Ok(outcome) => Response::Reload(Box::new(outcome)),
+        Err(_) => Response::Error("the daemon is shutting down".into()),
+    }
 }
 
 /// Send one request to a running daemon.

@@ -15,12 +15,13 @@ use crate::dataplane::netlink::Netlink;
 use crate::dataplane::wg::WgTunnelSpec;
 use crate::dataplane::{Dataplane, Wire, MAX_PACKET};
 use crate::keys::{PrivateKey, Psk, PublicKey};
+use crate::reload::{self, ReloadOutcome, ReloadRequest};
 
 const TICK: Duration = Duration::from_millis(250);
 /// Host-name endpoints are re-resolved this often even when nothing fails.
 const RERESOLVE_EVERY: Duration = Duration::from_secs(300);
 
-fn load_private(r: &KeyRef, what: &str) -> Result<PrivateKey> {
+pub(crate) fn load_private(r: &KeyRef, what: &str) -> Result<PrivateKey> {
     match r {
         KeyRef::File(p) => PrivateKey::load(p).with_context(|| what.to_string()),
         KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
@@ -133,13 +134,15 @@ pub async fn up(config_path: &Path) -> Result<()> {
     let specs = tunnel_specs(&cfg)?;
     let started = SystemTime::now();
 
+    let netlink = Netlink::connect()?;
+    crate::cleanup::before_tun(&netlink, &cfg.site.interface).await?;
     let tun = tun_rs::DeviceBuilder::new()
         .name(&cfg.site.interface)
         .mtu(cfg.site.mtu)
         .build_sync()
         .with_context(|| format!("creating TUN device {}", cfg.site.interface))?;
-    let netlink = Netlink::connect()?;
     let ifindex = netlink.link_index(&cfg.site.interface).await?;
+    crate::cleanup::after_tun(&netlink, &cfg, ifindex).await?;
     let wants_v6 = cfg.site.address.iter().any(|a| a.addr().is_ipv6())
         || cfg
             .tunnels
@@ -165,17 +168,20 @@ pub async fn up(config_path: &Path) -> Result<()> {
         routes: Vec::new(),
         sockets: Vec::new(),
     };
-    let result = run(&cfg, dp, &mut installed, started).await;
+    let result = run(cfg, config_path, dp, &mut installed, started).await;
+    crate::sdnotify::stopping();
     installed.remove().await;
     result
 }
 
 async fn run(
-    cfg: &Config,
+    mut cfg: Config,
+    config_path: &Path,
     dp: Arc<Dataplane>,
     installed: &mut Installed,
     started: SystemTime,
 ) -> Result<()> {
+    let mut config_path = std::path::absolute(config_path)?;
     for t in &cfg.tunnels {
         for net in &t.remote_subnets {
             installed.netlink.add_route(installed.ifindex, *net).await?;
@@ -183,11 +189,13 @@ async fn run(
         }
     }
 
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     let view = Arc::new(SiteView {
         site: cfg.site.name.clone(),
         interface: cfg.site.interface.clone(),
         dataplane: dp.clone(),
         started,
+        reload: Some(reload_tx),
     });
     let ctl_path = control::control_socket_path(&cfg.site.interface);
     let ctl = control::bind_private(&ctl_path, 0o700)?;
@@ -225,6 +233,7 @@ async fn run(
         tunnels = cfg.tunnels.len(),
         "site up"
     );
+    crate::sdnotify::ready(&ready_status(&cfg));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -252,11 +261,77 @@ async fn run(
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not supported by this build; restart to apply changes");
+                tracing::info!(config = %config_path.display(), "SIGHUP: reloading the configuration");
+                let path = config_path.clone();
+                do_reload(&mut cfg, &mut config_path, &path, &dp, installed).await;
+            }
+            Some(req) = reload_rx.recv() => {
+                let path = req.config.clone().unwrap_or_else(|| config_path.clone());
+                let path = std::path::absolute(&path).unwrap_or(path);
+                tracing::info!(config = %path.display(), "reload requested over the control socket");
+                let outcome = do_reload(&mut cfg, &mut config_path, &path, &dp, installed).await;
+                let _ = req.reply.send(outcome);
             }
         }
     }
     Ok(())
+}
+
+/// One reload, with systemd told before and after; logs and returns the outcome.
+async fn do_reload(
+    cfg: &mut Config,
+    config_path: &mut std::path::PathBuf,
+    path: &Path,
+    dp: &Dataplane,
+    installed: &mut Installed,
+) -> ReloadOutcome {
+    crate::sdnotify::reloading();
+    let outcome = reload::reload(
+        reload::Live {
+            dp,
+            netlink: &installed.netlink,
+            ifindex: installed.ifindex,
+            routes: &mut installed.routes,
+            config: cfg,
+        },
+        path,
+    )
+    .await;
+    if outcome.applied {
+        *config_path = path.to_path_buf();
+        tracing::info!(
+            unchanged = ?outcome.unchanged,
+            changed = ?outcome.changed,
+            added = ?outcome.added,
+            removed = ?outcome.removed,
+            site = ?outcome.site_changes,
+            "configuration reloaded"
+        );
+        for w in &outcome.warnings {
+            tracing::warn!("reload: {w}");
+        }
+        crate::sdnotify::ready(&ready_status(cfg));
+    } else {
+        for e in &outcome.errors {
+            tracing::error!("reload refused: {e}");
+        }
+        crate::sdnotify::ready(&format!(
+            "{} (last reload of {} refused: {} problem(s))",
+            ready_status(cfg),
+            path.display(),
+            outcome.errors.len()
+        ));
+    }
+    outcome
+}
+
+fn ready_status(cfg: &Config) -> String {
+    format!(
+        "site {} on {}: {} tunnel(s) configured",
+        cfg.site.name,
+        cfg.site.interface,
+        cfg.tunnels.len()
+    )
 }
 
 async fn resolve_tunnels(dp: &Dataplane, only: Option<&[String]>) {

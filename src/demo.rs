@@ -131,6 +131,7 @@ fn status_of(iface: &str, rt: &tokio::runtime::Runtime) -> Result<crate::status:
     ))? {
         Response::Status(s) => Ok(*s),
         Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
     }
 }
 

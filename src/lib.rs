@@ -1,5 +1,6 @@
 //! sitewire: a site-to-site tunnel daemon (WireGuard and IPsec, IKEv2 keying).
 
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -9,4 +10,6 @@ pub mod demo;
 pub mod keys;
 pub mod netprobe;
 pub mod proto;
+pub mod reload;
+pub mod sdnotify;
 pub mod status;

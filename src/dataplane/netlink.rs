@@ -106,6 +106,199 @@ impl Netlink {
     }
 }
 
+/// A link found by name: its index and whether it is a TUN/TAP device.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub is_tun: bool,
+    pub mtu: Option<u32>,
+    /// A TUN device has carrier while a process has it open.
+    pub carrier: Option<bool>,
+}
+
+/// A route carrying sitewire's [`ROUTE_PROTOCOL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OurRoute {
+    pub net: IpNet,
+    pub oif: Option<u32>,
+}
+
+impl Netlink {
+    /// The link called `name`, if there is one (in this network namespace).
+    pub async fn find_link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo as Info};
+        let found = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await;
+        let link = match found {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -19 /* ENODEV */ => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up interface {name}")),
+        };
+        let mut info = LinkInfo {
+            index: link.header.index,
+            is_tun: false,
+            mtu: None,
+            carrier: None,
+        };
+        for a in &link.attributes {
+            match a {
+                LinkAttribute::LinkInfo(infos) => {
+                    info.is_tun |= infos.iter().any(|i| matches!(i, Info::Kind(InfoKind::Tun)));
+                }
+                LinkAttribute::Mtu(m) => info.mtu = Some(*m),
+                LinkAttribute::Carrier(c) => info.carrier = Some(*c != 0),
+                _ => {}
+            }
+        }
+        Ok(Some(info))
+    }
+
+    /// Name of the link with this index.
+    pub async fn link_name(&self, index: u32) -> Result<Option<String>> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        let found = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await;
+        let link = match found {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -19 /* ENODEV */ => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up interface {index}")),
+        };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        }))
+    }
+
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting interface {index}"))
+    }
+
+    /// Every route (IPv4 and IPv6, all tables) that carries [`ROUTE_PROTOCOL`].
+    pub async fn our_routes(&self) -> Result<Vec<OurRoute>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let mut out = Vec::new();
+        let dumps = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for msg in dumps {
+            let mut routes = self.handle.route().get(msg).execute();
+            while let Some(r) = routes.try_next().await.context("listing routes")? {
+                if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                let len = r.header.destination_prefix_length;
+                let mut dst: Option<IpAddr> = None;
+                let mut oif = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                            dst = Some(IpAddr::V4(*a))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                            dst = Some(IpAddr::V6(*a))
+                        }
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let dst = dst.unwrap_or(match r.header.address_family {
+                    rtnetlink::packet_route::AddressFamily::Inet6 => {
+                        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                    }
+                    _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                });
+                if let Ok(net) = IpNet::new(dst, len) {
+                    out.push(OurRoute { net, oif });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Addresses on the interface (with their prefix length).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(m) = addrs.try_next().await.context("listing addresses")? {
+            let len = m.header.prefix_len;
+            let addr = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(a) => Some(*a),
+                    _ => None,
+                })
+                .or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(a) => Some(*a),
+                        _ => None,
+                    })
+                });
+            if let Some(net) = addr.and_then(|a| IpNet::new(a, len).ok()) {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove an address from the interface; one already gone is fine.
+    pub async fn del_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        use futures_util::StreamExt;
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr.addr())
+            .set_prefix_length_filter(addr.prefix_len())
+            .execute();
+        while let Some(m) = addrs.next().await {
+            let m = m.context("listing addresses")?;
+            match self.handle.address().del(m).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if matches!(
+                        e.raw_code(),
+                        -99 /* EADDRNOTAVAIL */ | -19 /* ENODEV */
+                    ) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing address {addr}")),
+            }
+        }
+        Ok(())
+    }
+}
+
 fn is_exists(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -17 /* EEXIST */)
 }
