@@ -93,7 +93,9 @@ impl Netlink {
 
     /// Remove a route; a route already gone (e.g. the interface went away) is fine.
     pub async fn del_route(&self, index: u32, net: IpNet) -> Result<()> {
-        let msg = Self::route_message(index, net)?;
+        let mut msg = Self::route_message(index, net)?;
+        // Match the route whatever its scope (`ip route add ... dev X` makes scope link).
+        msg.header.scope = rtnetlink::packet_route::route::RouteScope::NoWhere;
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(m))

@@ -35,12 +35,24 @@ impl Topo {
     /// Writes `<tempdir>/<name>.toml` and runs `sitewire up -c` in the site's namespace;
     /// waits for its control socket.
     pub fn start_sitewire(&self, site: Site, name: &str, config: &str) -> Proc {
+        self.start_sitewire_env(site, name, config, &[])
+    }
+
+    /// [`Topo::start_sitewire`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_sitewire_env(
+        &self,
+        site: Site,
+        name: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let path = self.tempdir().join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let path_s = path.to_string_lossy().into_owned();
-        let proc = self.spawn(
+        let proc = self.spawn_env(
             self.ns(site),
             &format!("sitewire-{name}"),
+            env,
             &[sitewire_bin(), "up", "-c", &path_s, "--log-level", "debug"],
         );
         let iface = config
