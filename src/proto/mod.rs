@@ -4,3 +4,4 @@
 //! returns decisions, so it can be driven by a simulator and fuzzed.
 
 pub mod demux;
+pub mod ike;
