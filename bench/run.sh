@@ -6,8 +6,8 @@
 # built, joined by a veth pair created directly inside them (underlay
 # 10.200.0.1/24 <-> 10.200.0.2/24; nothing in the root namespace, no default
 # route). One tunnel daemon runs in each namespace (overlay 10.201.0.1 <->
-# 10.201.0.2, MTU 1420), and the tests run from swbench-a to swbench-b over the
-# overlay:
+# 10.201.0.2, each end with its own /32 and a /32 route to the other, MTU 1420),
+# and the tests run from swbench-a to swbench-b over the overlay:
 #   ping        100 pings at 10 ms over the idle tunnel: min/avg/max/mdev ms, loss %
 #   tcp1        iperf3 -t 10 -C cubic, 1 stream: receiver/sender Gbit/s, retransmits,
 #               tunnel CPU-s (both daemons, utime+stime of all threads) and CPU-s per GB
@@ -51,7 +51,8 @@ NS_A=swbench-a;     NS_B=swbench-b
 VETH_A=swbench-va;  VETH_B=swbench-vb
 TUN_A=swbench-ta;   TUN_B=swbench-tb     # distinct: all UAPI sockets share /var/run/wireguard
 UL_A=10.200.0.1;    UL_B=10.200.0.2      # underlay (veth), /24
-OL_A=10.201.0.1;    OL_B=10.201.0.2      # overlay (tunnel), /24
+OL_A=10.201.0.1;    OL_B=10.201.0.2      # overlay (tunnel): own /32 + route to the peer's /32
+# (not a shared /24: sitewire rejects remote_subnets that overlap the site's own address)
 WG_PORT=51820
 IPERF_PORT=5201
 MTU=1420
@@ -127,7 +128,7 @@ ns_exists() { [[ -e /run/netns/$1 ]]; }
 # =============================================================================
 
 PIDS=(); PID_NAMES=(); CREATED_NS=(); FG_PID=""; KEYDIR=""; CLEANED=0
-PID_A=""; PID_B=""; TCP_RX_BYTES=0
+PID_A=""; PID_B=""; TCP_RX_BYTES=0; TX_OVER_RX=""
 
 note() { # something worth reporting (sitewire errors, unclean exits ...)
   log "NOTE: $*"
@@ -161,9 +162,20 @@ stop_pid() { # pid label -> STOP_RC (exit status), STOP_KILLED (needed SIGKILL)
 }
 
 # A measurement runs as a waited background job so that SIGTERM interrupts it at once.
-run_waited() {
-  "$@" 9<&- &
+# The output redirections belong to the job, not to this function call: a trap that
+# fires during `wait` must still log to the script's own stderr.
+run_waited() { # stdout-file stderr-file("-" = same as stdout) command...
+  local out=$1 err=$2
+  shift 2
+  if [[ $err == - ]]; then
+    "$@" >"$out" 2>&1 9<&- &
+  else
+    "$@" >"$out" 2>"$err" 9<&- &
+  fi
   FG_PID=$!
+  # recorded for `--cleanup` only (this shell stops FG_PID itself); stale lines are
+  # harmless: a PID is only signalled while its start time still matches
+  printf '%s\t%s\t%s\n' "$FG_PID" "$(proc_starttime "$FG_PID" || echo '?')" measurement >>"$RUNDIR/pids"
   local rc=0
   wait "$FG_PID" || rc=$?
   FG_PID=""
@@ -183,14 +195,16 @@ child_cleanup() {
   local rc=$?
   ((CLEANED)) && return 0
   CLEANED=1
+  trap '' TERM INT HUP # a second signal must not cut the cleanup short
   set +e
-  local i ns label sock
+  local i ns label sock any_killed=0
   [[ -n $FG_PID ]] && stop_pid "$FG_PID" "measurement"
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     label=${PID_NAMES[i]}
     stop_pid "${PIDS[i]}" "$label"
     if [[ $label == daemon-* ]]; then
       info "${label}_exit" "rc=$STOP_RC killed=$STOP_KILLED"
+      ((STOP_KILLED)) && any_killed=1
       if ((STOP_KILLED)); then
         note "$IMPL $label did not stop within 5 s of SIGTERM (SIGKILLed)"
       elif ((STOP_RC != 0)) && [[ $IMPL == sitewire ]]; then
@@ -199,7 +213,7 @@ child_cleanup() {
     fi
   done
   if [[ $IMPL == sitewire ]]; then
-    for sock in "$UAPI_DIR/$TUN_A.sock" "$UAPI_DIR/$TUN_B.sock" "$SW_CTL_DIR/$TUN_A.sock" "$SW_CTL_DIR/$TUN_B.sock"; do
+    ((any_killed)) || for sock in "$UAPI_DIR/$TUN_A.sock" "$UAPI_DIR/$TUN_B.sock" "$SW_CTL_DIR/$TUN_A.sock" "$SW_CTL_DIR/$TUN_B.sock"; do
       [[ -e $sock ]] && note "sitewire left $sock behind after SIGTERM"
     done
     scan_daemon_log "sitewire a" "$RUNDIR/daemon-a.log"
@@ -221,7 +235,7 @@ child_cleanup() {
 }
 
 wait_for_idle() { # test-name: wait until the machine is < IDLE_PCT busy (max IDLE_MAX s)
-  local start=$SECONDS b
+  local start=$SECONDS last_log=-100 b
   while :; do
     b=$(busy_sample 2)
     if [[ $SWBENCH_IDLE_PCT == 0 ]] || awk -v b="$b" -v t="$SWBENCH_IDLE_PCT" 'BEGIN { exit !(b < t) }'; then break; fi
@@ -229,7 +243,10 @@ wait_for_idle() { # test-name: wait until the machine is < IDLE_PCT busy (max ID
       log "warning: machine still ${b}% busy after ${SWBENCH_IDLE_MAX} s; measuring anyway (see ${1}_bg_busy_pct)"
       break
     fi
-    log "machine ${b}% busy (others' load); waiting for < ${SWBENCH_IDLE_PCT}% ..."
+    if ((SECONDS - last_log >= 10)); then
+      log "machine ${b}% busy (others' load); waiting for < ${SWBENCH_IDLE_PCT}% (up to ${SWBENCH_IDLE_MAX} s) ..."
+      last_log=$SECONDS
+    fi
   done
   emit "${1}_bg_busy_pct" "$b"
   emit "${1}_idle_wait_s" "$((SECONDS - start))"
@@ -270,7 +287,7 @@ name = "$2"
 interface = "$4"
 listen_port = $WG_PORT
 private_key = "$5"
-address = ["$7/24"]
+address = ["$7/32"]
 mtu = $MTU
 
 [[tunnel]]
@@ -299,7 +316,7 @@ spawn_daemon() { # side(a|b) ns ifname conf -> SPAWNED_PID
   local side=$1 ns=$2 ifname=$3 conf=$4 lf="$RUNDIR/daemon-$1.log"
   case $IMPL in
     sitewire)
-      ip netns exec "$ns" "${NICE[@]}" "$SITEWIRE_BIN" up -c "$conf" >"$lf" 2>&1 9<&- &
+      NO_COLOR=1 ip netns exec "$ns" "${NICE[@]}" "$SITEWIRE_BIN" up -c "$conf" >"$lf" 2>&1 9<&- &
       ;;
     wireguard-go)
       WG_PROCESS_FOREGROUND=1 ip netns exec "$ns" "${NICE[@]}" "$WIREGUARD_GO_BIN" -f "$ifname" >"$lf" 2>&1 9<&- &
@@ -340,14 +357,17 @@ tunnel_side_up() { # side ns ifname own_key peer_pub own_overlay peer_overlay pe
     # sitewire binds its UAPI socket after address, MTU and routes are in place
     ip -n "$ns" -4 addr show dev "$ifname" | grep -q "inet $6/" ||
       die "sitewire did not put $6 on $ifname"
+    ip -n "$ns" -4 route show "$7/32" dev "$ifname" | grep -q . ||
+      die "sitewire did not add a route to $7/32 via $ifname"
   else
     conf="$KEYDIR/$side.conf"
     write_wg_conf "$conf" "$4" "$5" "$7" "$8"
     spawn_daemon "$side" "$ns" "$ifname" "$conf"
     wait_daemon_ready "$side" "$ns" "$ifname" "$SPAWNED_PID"
     ip netns exec "$ns" wg setconf "$ifname" "$conf"
-    ip -n "$ns" addr add "$6/24" dev "$ifname"
+    ip -n "$ns" addr add "$6/32" dev "$ifname"
     ip -n "$ns" link set dev "$ifname" mtu "$MTU" up
+    ip -n "$ns" route add "$7/32" dev "$ifname"
   fi
   info "link_$side" "$(ip -n "$ns" -o link show dev "$ifname" | sed -E 's/\\ +/ /g' | cut -c1-200)"
   info "routes_$side" "$(ip -n "$ns" -4 route show dev "$ifname" | tr '\n' ';')"
@@ -394,8 +414,8 @@ pre_measure() { # test-name
 measure_ping() {
   pre_measure ping
   local f="$RUNDIR/ping.txt" loss rtt mn av mx md
-  run_waited ip netns exec "$NS_A" "${NICE[@]}" ping -n -q -c "$SWBENCH_PING_COUNT" \
-    -i "$SWBENCH_PING_INTERVAL" -w $((SWBENCH_PING_COUNT / 10 + 30)) -I "$OL_A" "$OL_B" >"$f" 2>&1 ||
+  run_waited "$f" - ip netns exec "$NS_A" "${NICE[@]}" ping -n -q -c "$SWBENCH_PING_COUNT" \
+    -i "$SWBENCH_PING_INTERVAL" -w $((SWBENCH_PING_COUNT / 10 + 30)) -I "$OL_A" "$OL_B" ||
     { cat "$f" >&2; die "ping failed"; }
   loss=$(sed -nE 's/.* ([0-9.]+)% packet loss.*/\1/p' "$f")
   rtt=$(sed -nE 's#^rtt min/avg/max/mdev = ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms#\1 \2 \3 \4#p' "$f")
@@ -424,8 +444,8 @@ start_iperf_server() {
 
 iperf_client() { # json-file timeout-s iperf3-args...
   local json=$1 t=$2; shift 2
-  run_waited ip netns exec "$NS_A" "${NICE[@]}" timeout "$t" \
-    iperf3 -c "$OL_B" -B "$OL_A" -p "$IPERF_PORT" -J "$@" >"$json" 2>"$json.stderr"
+  run_waited "$json" "$json.stderr" ip netns exec "$NS_A" "${NICE[@]}" timeout "$t" \
+    iperf3 -c "$OL_B" -B "$OL_A" -p "$IPERF_PORT" -J "$@"
 }
 
 wg_counter() { # ns ifname column(2=rx, 3=tx) -> bytes summed over peers
@@ -441,7 +461,8 @@ check_tunnel_counters() { # the TCP bytes really went through the tunnel
   if ((tx < TCP_RX_BYTES)); then
     die "sanity check failed: $TUN_A tx counter ($tx B) < bytes iperf3 received over TCP ($TCP_RX_BYTES B)"
   fi
-  emit wg_tx_over_tcp_rx "$(div "$tx" "$TCP_RX_BYTES")"
+  log "sanity: $TUN_A tx counter $tx B >= $TCP_RX_BYTES B received by iperf3 over TCP"
+  TX_OVER_RX=$(div "$tx" "$TCP_RX_BYTES")
 }
 
 measure_tcp() { # name streams
@@ -529,6 +550,7 @@ child_main() { # IMPL ROUND RUNDIR
     esac
   done
   check_daemons
+  [[ -n $TX_OVER_RX ]] && emit wg_tx_over_tcp_rx "$TX_OVER_RX"
   log "done: $IMPL round $ROUND"
 }
 
@@ -578,7 +600,8 @@ summarize() { # results-file impls...
         label[m] = substr(cat[i], p + 1); order[++nm] = m; known[m] = 1 }
       ni = split(impl_list, imps, " ")
     }
-    function fmtv(x,   ax) { if (x != x + 0) return x; ax = x < 0 ? -x : x
+    function fmtv(x,   ax) { if (x != x + 0) return x; if (x == int(x)) return sprintf("%d", x)
+      ax = x < 0 ? -x : x
       if (ax >= 1000) return sprintf("%.0f", x); if (ax >= 100) return sprintf("%.1f", x)
       if (ax >= 10) return sprintf("%.2f", x); return sprintf("%.3f", x) }
     /^FAILED / { failed[++nf] = $0; next }
@@ -610,7 +633,8 @@ summarize() { # results-file impls...
         }
         if (sw) for (j = 1; j <= ni; j++) {
           impl = imps[j]; if (impl == "sitewire") continue
-          if (has["sitewire"] && has[impl] && med[impl] != 0) line = line " " sprintf("%.2f", med["sitewire"] / med[impl]) " |"
+          if (m ~ /_busy_pct$|_idle_wait_s$|^wg_tx_over/) line = line " |"
+          else if (has["sitewire"] && has[impl] && med[impl] != 0) line = line " " sprintf("%.2f", med["sitewire"] / med[impl]) " |"
           else line = line " – |"
         }
         print line
@@ -627,45 +651,54 @@ CHILD_PID=""; OUTDIR=""; PARENT_CLEANED=0
 
 # Fallback after the child is gone: anything it recorded but did not stop (e.g. the
 # child was SIGKILLed). PIDs are only signalled if their start time still matches.
-reap_leftovers() { # dir with r*/pids files, or "" for namespace/socket cleanup only
+reap_pids() { # results dir holding r*/pids and r*/keydir files
   local f pid st name cur kd
-  if [[ -n $1 ]]; then
-    for f in "$1"/*/pids; do
-      [[ -f $f ]] || continue
-      while IFS=$'\t' read -r pid st name; do
-        [[ $pid =~ ^[0-9]+$ ]] || continue
-        cur=$(proc_starttime "$pid" 2>/dev/null || true)
-        if [[ -n $cur && $cur == "$st" ]]; then
-          log "stopping leftover $name (pid $pid)"
-          kill -TERM "$pid" 2>/dev/null || true
-          sleep 1
-          alive "$pid" && kill -KILL "$pid" 2>/dev/null
-        fi
-      done <"$f"
-      rm -f "$f"
-    done
-    for f in "$1"/*/keydir; do
-      [[ -f $f ]] || continue
-      kd=$(<"$f")
-      [[ $kd == /tmp/swbench-keys.* && -d $kd ]] && rm -rf "$kd"
-      rm -f "$f"
-    done
-  fi
-  for name in "$NS_A" "$NS_B"; do
-    if ns_exists "$name"; then
-      [[ -n $(ip netns pids "$name" 2>/dev/null) ]] &&
-        log "warning: unrecorded processes in $name (not killed): $(ip netns pids "$name" | tr '\n' ' ')"
-      ip netns del "$name" 2>/dev/null && log "deleted leftover namespace $name"
+  for f in "$1"/*/pids; do
+    [[ -f $f ]] || continue
+    while IFS=$'\t' read -r pid st name; do
+      [[ $pid =~ ^[0-9]+$ ]] || continue
+      cur=$(proc_starttime "$pid" 2>/dev/null || true)
+      if [[ -n $cur && $cur == "$st" ]] && alive "$pid"; then
+        log "stopping leftover $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        sleep 1
+        alive "$pid" && kill -KILL "$pid" 2>/dev/null
+      fi
+    done <"$f"
+    rm -f "$f"
+  done
+  for f in "$1"/*/keydir; do
+    [[ -f $f ]] || continue
+    kd=$(<"$f")
+    [[ $kd == /tmp/swbench-keys.* && -d $kd ]] && rm -rf "$kd"
+    rm -f "$f"
+  done
+  return 0
+}
+
+reap_world() { # our namespaces and sockets (only ever created by this script)
+  local ns
+  for ns in "$NS_A" "$NS_B"; do
+    if ns_exists "$ns"; then
+      [[ -n $(ip netns pids "$ns" 2>/dev/null) ]] &&
+        log "warning: unrecorded processes in $ns (not killed): $(ip netns pids "$ns" | tr '\n' ' ')"
+      ip netns del "$ns" 2>/dev/null && log "deleted leftover namespace $ns"
     fi
   done
   rm -f "$UAPI_DIR/$TUN_A.sock" "$UAPI_DIR/$TUN_B.sock" "$SW_CTL_DIR/$TUN_A.sock" "$SW_CTL_DIR/$TUN_B.sock"
   return 0
 }
 
+reap_leftovers() { # results dir
+  reap_pids "$1"
+  reap_world
+}
+
 parent_cleanup() {
   local rc=$? i
   ((PARENT_CLEANED)) && return 0
   PARENT_CLEANED=1
+  trap '' INT TERM HUP
   set +e
   if [[ -n $CHILD_PID ]] && alive "$CHILD_PID"; then
     log "stopping the run in progress (pid $CHILD_PID)"
@@ -788,7 +821,10 @@ print_header() {
     case $x in
       sitewire)
         git_rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')
-        git_dirty=$(git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ", uncommitted changes" || true)
+        git_dirty=""
+        if git -C "$REPO_DIR" status --porcelain --untracked-files=no 2>/dev/null | grep -q .; then
+          git_dirty=", uncommitted changes"
+        fi
         echo "| sitewire | \`$("$SITEWIRE_BIN" --version 2>&1 | head -n1)\`, commit $git_rev$git_dirty; $SITEWIRE_BUILT; \`$SITEWIRE_BIN\`; $(rustc --version 2>/dev/null || echo 'rustc ?') |"
         ;;
       wireguard-go)
@@ -809,10 +845,10 @@ print_header() {
 cmd_cleanup() {
   [[ $(id -u) == 0 ]] || die "must run as root"
   local d
-  for d in /tmp/swbench-*.*/; do
-    [[ -d $d ]] && reap_leftovers "${d%/}"
+  for d in /tmp/swbench-[0-9]*.*/; do
+    [[ -d $d ]] && reap_pids "${d%/}"
   done
-  reap_leftovers ""
+  reap_world
 }
 
 main() {
@@ -834,9 +870,12 @@ main() {
   trap parent_cleanup EXIT
   trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP
 
-  print_header | tee "$OUTDIR/header.md"
-  local n
-  for n in "${NOTES[@]}"; do echo "Note: $n"; done | tee -a "$OUTDIR/header.md"
+  {
+    print_header
+    local n
+    for n in "${NOTES[@]}"; do echo "Note: $n"; echo; done
+    echo "Results and logs: $OUTDIR"
+  } | tee "$OUTDIR/header.md"
 
   local r impl rundir rc
   for ((r = 1; r <= SWBENCH_ROUNDS; r++)); do
@@ -862,6 +901,7 @@ main() {
     echo
     echo "## Results: median [min–max] over rounds; ratio columns = sitewire median / other median"
     echo
+    # shellcheck disable=SC2086 # the list is meant to be split into words
     summarize "$results" $SWBENCH_IMPLS
     echo
     echo "CPU per GB: lower is better, so a ratio < 1 favours sitewire there; for Gbit/s, > 1 favours sitewire."
