@@ -79,6 +79,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Troubleshoot a site: config, TUN, port, keys, DNS, routes, MTU, clock; each check
+    /// prints ok/warn/fail with a one-line fix. Exits non-zero if any check fails.
+    Doctor {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Write the man pages and shell completions (used to build the Debian package).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory (man/ and completions/ are created in it).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Two sites in network namespaces, traffic between them, status of both; then cleanup.
     Demo {
         /// Leave the namespaces and daemons running until Ctrl-C.
@@ -163,6 +176,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interface,
             json,
         } => runtime()?.block_on(reload(config, interface, json)),
+        Command::Doctor { config } => {
+            let ok = runtime()?.block_on(crate::doctor::main(&config));
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::GenerateAssets { out } => {
+            for p in crate::assets::generate(&out)? {
+                println!("{}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { keep } => {
             init_logging(cli.log_format, &cli.log_level)?;
             crate::demo::run(keep)

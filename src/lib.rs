@@ -1,5 +1,6 @@
 //! sitewire: a site-to-site tunnel daemon (WireGuard and IPsec, IKEv2 keying).
 
+pub mod assets;
 pub mod cleanup;
 pub mod cli;
 pub mod config;
@@ -7,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod doctor;
 pub mod keys;
 pub mod netprobe;
 pub mod proto;
