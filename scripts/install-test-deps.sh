@@ -2,7 +2,7 @@
 # install-test-deps.sh - install what the integration tests need (run as root).
 #
 # Idempotent: apt is skipped when every required binary is already on PATH, and
-# cargo-nextest is only built when `cargo nextest` is missing.
+# cargo-nextest / cargo-deb are only built when missing.
 set -euo pipefail
 
 # binary -> Debian package that provides it
@@ -16,6 +16,12 @@ declare -A PKG_OF=(
   [pgrep]=procps
   [sysctl]=procps
   [jq]=jq
+  # packaging tests: unit verification, man pages, the .deb's shared-library dependencies
+  [systemd-analyze]=systemd
+  [man]=man-db
+  [dpkg-shlibdeps]=dpkg-dev
+  # doctor tests: a private mount namespace without /dev/net/tun
+  [unshare]=util-linux
 )
 
 missing_pkgs=()
@@ -36,7 +42,8 @@ if ((${#missing_pkgs[@]} > 0)); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
-    iproute2 iputils-ping iperf3 wireguard-go wireguard-tools procps jq
+    iproute2 iputils-ping iperf3 wireguard-go wireguard-tools procps jq \
+    systemd man-db dpkg-dev util-linux
 else
   echo "install-test-deps: all test binaries present, skipping apt" >&2
 fi
@@ -44,6 +51,12 @@ fi
 # wireguard-go, wg and sitewire keep UAPI sockets here (wireguard-go also creates it itself).
 if [[ $(id -u) == 0 && ! -d /var/run/wireguard ]]; then
   install -d -m 755 /var/run/wireguard
+fi
+
+# tests/packaging.rs builds the Debian package with cargo-deb
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "install-test-deps: installing cargo-deb" >&2
+  cargo install cargo-deb --locked
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
