@@ -460,8 +460,8 @@ pub fn int_auth_octets(raw: &[u8], inner_bytes: &[u8]) -> Result<Vec<u8>, OpenEr
     let a_len = sk_at + GENERIC_HEADER_LEN;
     let adjusted_len =
         u32::try_from(a_len + inner_bytes.len()).map_err(|_| DecodeError::TooLarge)?;
-    let adjusted_payload_len = u16::try_from(GENERIC_HEADER_LEN + inner_bytes.len())
-        .map_err(|_| DecodeError::TooLarge)?;
+    let adjusted_payload_len =
+        u16::try_from(GENERIC_HEADER_LEN + inner_bytes.len()).map_err(|_| DecodeError::TooLarge)?;
     let mut out = Vec::with_capacity(a_len + inner_bytes.len());
     out.extend_from_slice(&raw[..a_len]);
     out[24..28].copy_from_slice(&adjusted_len.to_be_bytes());
@@ -507,9 +507,7 @@ impl X25519Secret {
     /// (RFC 8031 §2: the peer sent a low-order point).
     pub fn diffie_hellman(&self, peer: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
         let peer: [u8; 32] = peer.try_into().ok()?;
-        let shared = self
-            .0
-            .diffie_hellman(&x25519_dalek::PublicKey::from(peer));
+        let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(peer));
         if !shared.was_contributory() {
             return None;
         }
@@ -799,12 +797,7 @@ mod tests {
     #[test]
     fn nat_d_ipv4() {
         // suite a, message 0, NAT_DETECTION_DESTINATION_IP
-        let h = nat_detection_hash(
-            0xe45f9e27bd6aed0e,
-            0,
-            "10.210.0.2".parse().unwrap(),
-            500,
-        );
+        let h = nat_detection_hash(0xe45f9e27bd6aed0e, 0, "10.210.0.2".parse().unwrap(), 500);
         assert_eq!(h.to_vec(), hex("7847a17fdf6104b8a33ada84cfeaca2b0f5957a3"));
     }
 }

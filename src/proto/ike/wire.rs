@@ -520,7 +520,10 @@ impl Payload {
         out.extend_from_slice(&[0, 0]);
         self.encode_body(out);
         let len = u16::try_from(out.len() - start).unwrap_or(u16::MAX);
-        debug_assert!(out.len() - start <= usize::from(u16::MAX), "payload too long");
+        debug_assert!(
+            out.len() - start <= usize::from(u16::MAX),
+            "payload too long"
+        );
         out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
     }
 
@@ -802,9 +805,7 @@ fn decode_sa(b: &[u8]) -> Result<Vec<Proposal>, DecodeError> {
     let mut out = Vec::new();
     let mut rest = b;
     let mut seen = 0usize;
-    if rest.is_empty() {
-        return Err(DecodeError::BadProposal);
-    }
+    // An empty SA payload decodes to no proposals (the state machine answers NO_PROPOSAL_CHOSEN).
     while !rest.is_empty() {
         seen += 1;
         if seen > MAX_PROPOSALS {
@@ -937,19 +938,13 @@ fn decode_ts(b: &[u8]) -> Result<Vec<TrafficSelector>, DecodeError> {
         let (start, end) = if ty == ids::TS_IPV4_RANGE {
             let a: [u8; 4] = [s[8], s[9], s[10], s[11]];
             let e: [u8; 4] = [s[12], s[13], s[14], s[15]];
-            (
-                IpAddr::V4(Ipv4Addr::from(a)),
-                IpAddr::V4(Ipv4Addr::from(e)),
-            )
+            (IpAddr::V4(Ipv4Addr::from(a)), IpAddr::V4(Ipv4Addr::from(e)))
         } else {
             let mut a = [0u8; 16];
             let mut e = [0u8; 16];
             a.copy_from_slice(&s[8..24]);
             e.copy_from_slice(&s[24..40]);
-            (
-                IpAddr::V6(Ipv6Addr::from(a)),
-                IpAddr::V6(Ipv6Addr::from(e)),
-            )
+            (IpAddr::V6(Ipv6Addr::from(a)), IpAddr::V6(Ipv6Addr::from(e)))
         };
         out.push(TrafficSelector {
             ip_proto: s[1],
