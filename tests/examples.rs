@@ -118,7 +118,10 @@ fn admin_laptop_file_matches_the_server_side() {
             .unwrap_or_else(|| panic!("no {key} in the laptop file"))
     };
     let tunnel = &server["tunnel"].as_array().unwrap()[0];
-    assert!(tunnel.get("endpoint").is_none(), "the server waits for laptops");
+    assert!(
+        tunnel.get("endpoint").is_none(),
+        "the server waits for laptops"
+    );
     let strs = |v: &toml::Value| -> Vec<String> {
         v.as_array()
             .unwrap()
@@ -148,5 +151,139 @@ fn prometheus_scrapes_the_metrics_example() {
     assert!(
         prom.contains(&format!("\"{listen}\"")),
         "prometheus.yml does not scrape {listen}"
+    );
+}
+
+/// The remote-admin example end to end: the server config in one namespace (sitewire), the
+/// laptop's wg-quick file in the other (wireguard-go configured from `wg-quick strip`),
+/// both unchanged except for keys and interface names; the laptop pings the management
+/// subnet.
+#[test]
+fn admin_laptop_reaches_the_management_subnet() {
+    use std::time::Duration;
+    use support::{prereq, wait_until, Site, Topo};
+    if !prereq(&["ping", "wireguard-go", "wg", "wg-quick"]) {
+        return;
+    }
+    let t = Topo::new("admin");
+    // The example's own addresses, inside this test's namespaces only.
+    t.exec_ok(
+        &t.ns_a,
+        &["ip", "addr", "add", "198.51.100.20/24", "dev", &t.veth_a],
+    );
+    t.exec_ok(
+        &t.ns_b,
+        &["ip", "addr", "add", "198.51.100.21/24", "dev", &t.veth_b],
+    );
+    t.exec_ok(&t.ns_a, &["ip", "addr", "add", "10.20.0.1/24", "dev", "lo"]);
+
+    let dir = t.tempdir();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let server_key = t.sitewire_key("admin-gw");
+    std::fs::rename(&server_key.path, dir.join("keys/admin-gw.key")).unwrap();
+    let psk = keygen();
+    write_file_0600(dir.join("keys/alice.psk"), &psk);
+    let (laptop_private, laptop_public) = support::wg_genkey();
+
+    let server_if = t.ifname("adm");
+    let server = read("admin-server.toml")
+        .lines()
+        .map(|l| {
+            if l.starts_with("interface = ") {
+                format!("interface = \"{server_if}\"")
+            } else if l.starts_with("peer_public_key = ") {
+                format!("peer_public_key = \"{laptop_public}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let _server = t.start_sitewire(Site::A, "admin-server", &server);
+
+    // The laptop: the wg-quick file with its three placeholders filled in.
+    let laptop_if = t.ifname("lap");
+    let laptop = read("admin-laptop.wg-quick.conf")
+        .lines()
+        .map(|l| match l.split_once('=').map(|(k, _)| k.trim()) {
+            Some("PrivateKey") => format!("PrivateKey = {laptop_private}"),
+            Some("PublicKey") => format!("PublicKey = {}", server_key.public),
+            Some("PresharedKey") => format!("PresharedKey = {}", psk.trim()),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let conf = dir.join(format!("{laptop_if}.conf"));
+    write_file_0600(&conf, &laptop);
+    let stripped = support::host_exec_ok(&["wg-quick", "strip", conf.to_str().unwrap()], None);
+    let stripped_path = dir.join("laptop-stripped.conf");
+    write_file_0600(&stripped_path, &stripped);
+    let wg_go = t.spawn_env(
+        &t.ns_b,
+        "wireguard-go-laptop",
+        &[("WG_PROCESS_FOREGROUND", "1")],
+        &["wireguard-go", "-f", &laptop_if],
+    );
+    let sock = format!("{}/{laptop_if}.sock", support::UAPI_DIR);
+    assert!(
+        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            assert!(wg_go.alive(), "{}", wg_go.log());
+            Path::new(&sock).exists()
+        }),
+        "{}",
+        wg_go.log()
+    );
+    // What wg-quick itself would do with Address, MTU and AllowedIPs.
+    let value = |key: &str| {
+        laptop
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.split('#').next().unwrap().trim().to_string())
+            })
+            .unwrap()
+    };
+    t.exec_ok(
+        &t.ns_b,
+        &["wg", "setconf", &laptop_if, stripped_path.to_str().unwrap()],
+    );
+    t.exec_ok(
+        &t.ns_b,
+        &["ip", "addr", "add", &value("Address"), "dev", &laptop_if],
+    );
+    t.exec_ok(
+        &t.ns_b,
+        &["ip", "link", "set", &laptop_if, "mtu", &value("MTU"), "up"],
+    );
+    for net in value("AllowedIPs").split(',') {
+        t.exec_ok(
+            &t.ns_b,
+            &["ip", "route", "add", net.trim(), "dev", &laptop_if],
+        );
+    }
+
+    assert!(
+        t.wait_ping(
+            &t.ns_b,
+            "10.99.0.10".parse().unwrap(),
+            "10.20.0.1".parse().unwrap(),
+            Duration::from_secs(10)
+        ),
+        "laptop cannot reach the management subnet:\n{}",
+        wg_go.log_tail(20)
+    );
+    let ping = t.ping(
+        &t.ns_b,
+        "10.99.0.10".parse().unwrap(),
+        "10.20.0.1".parse().unwrap(),
+        10,
+        0.05,
+    );
+    assert_eq!(ping.received, 10, "{ping:?}");
+    // The server learned the laptop's address from its packets.
+    let st = support::site::tunnel_status(&server_if, "alice-laptop");
+    assert_eq!(
+        st["endpoint"].as_str().unwrap().split(':').next(),
+        Some("198.51.100.21")
     );
 }
