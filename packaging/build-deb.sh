@@ -16,4 +16,5 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --bin sitewire
 rm -rf target/assets
 "$target/release/sitewire" generate-assets --out target/assets >/dev/null
-cargo deb --no-build --output target/debian/ "$@"
+# Stripped: the release profile keeps line tables for backtraces, the package does not need them.
+cargo deb --no-build --strip --output target/debian/ "$@"
