@@ -110,7 +110,11 @@ struct Raw {
 
 fn raw(table: &toml::Table) -> Raw {
     let site = table.get("site").and_then(|s| s.as_table());
-    let s = |k: &str| site.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+    let s = |k: &str| {
+        site.and_then(|t| t.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
     let nets = |t: &toml::Table, k: &str| -> Vec<IpNet> {
         t.get(k)
             .and_then(|v| v.as_array())
@@ -226,7 +230,8 @@ fn host_routes() -> Vec<HostRoute> {
             if f.len() < 10 || f[0].len() != 32 {
                 continue;
             }
-            let (Ok(bits), Ok(len)) = (u128::from_str_radix(f[0], 16), u8::from_str_radix(f[1], 16))
+            let (Ok(bits), Ok(len)) =
+                (u128::from_str_radix(f[0], 16), u8::from_str_radix(f[1], 16))
             else {
                 continue;
             };
@@ -311,7 +316,11 @@ pub async fn run(path: &Path) -> Vec<Finding> {
         }
         Err(errors) => {
             for e in &errors.0 {
-                r.fail("config", e.to_string(), "edit the file; `sitewire check -c FILE` re-checks it");
+                r.fail(
+                    "config",
+                    e.to_string(),
+                    "edit the file; `sitewire check -c FILE` re-checks it",
+                );
             }
             None
         }
@@ -386,12 +395,19 @@ async fn check_interface(r: &mut Report, raw: &Raw, running: bool) {
     let netlink = match crate::dataplane::netlink::Netlink::connect() {
         Ok(n) => n,
         Err(e) => {
-            r.warn("iface", format!("cannot ask the kernel about {iface}: {e:#}"), "run as root");
+            r.warn(
+                "iface",
+                format!("cannot ask the kernel about {iface}: {e:#}"),
+                "run as root",
+            );
             return;
         }
     };
     match netlink.find_link(iface).await {
-        Ok(None) => r.ok("iface", format!("no interface called {iface} yet: it is free")),
+        Ok(None) => r.ok(
+            "iface",
+            format!("no interface called {iface} yet: it is free"),
+        ),
         Ok(Some(l)) if !l.is_tun => r.fail(
             "iface",
             format!("{iface} already exists and is not a TUN device"),
@@ -407,7 +423,11 @@ async fn check_interface(r: &mut Report, raw: &Raw, running: bool) {
             format!("TUN device {iface} is left over from an earlier run"),
             "nothing: `sitewire up` removes it at start (or: ip link del {iface})",
         ),
-        Err(e) => r.warn("iface", format!("cannot ask the kernel about {iface}: {e:#}"), "run as root"),
+        Err(e) => r.warn(
+            "iface",
+            format!("cannot ask the kernel about {iface}: {e:#}"),
+            "run as root",
+        ),
     }
 }
 
@@ -478,7 +498,11 @@ fn check_keys(r: &mut Report, raw: &Raw, base: &Path) -> Vec<PathBuf> {
         };
         found.push(path.clone());
         if !meta.is_file() {
-            r.fail("keys", format!("{what}: {shown} is not a regular file"), "point it at a key file");
+            r.fail(
+                "keys",
+                format!("{what}: {shown} is not a regular file"),
+                "point it at a key file",
+            );
             continue;
         }
         let mode = meta.permissions().mode() & 0o7777;
@@ -493,7 +517,10 @@ fn check_keys(r: &mut Report, raw: &Raw, base: &Path) -> Vec<PathBuf> {
         if meta.uid() != me {
             r.warn(
                 "keys",
-                format!("{what}: {shown} is owned by uid {}, not by uid {me} running sitewire", meta.uid()),
+                format!(
+                    "{what}: {shown} is owned by uid {}, not by uid {me} running sitewire",
+                    meta.uid()
+                ),
                 format!("chown {me} {shown}"),
             );
             continue;
@@ -504,7 +531,10 @@ fn check_keys(r: &mut Report, raw: &Raw, base: &Path) -> Vec<PathBuf> {
             crate::keys::Psk::load(&path).map(|_| ())
         };
         match loaded {
-            Ok(()) => r.ok("keys", format!("{what}: {shown} (mode {mode:04o}) holds a key")),
+            Ok(()) => r.ok(
+                "keys",
+                format!("{what}: {shown} (mode {mode:04o}) holds a key"),
+            ),
             Err(e) => r.fail(
                 "keys",
                 format!("{what}: {shown}: {e}"),
@@ -548,7 +578,10 @@ async fn check_dns(r: &mut Report, raw: &Raw) -> Vec<(usize, String, Option<Sock
                         }
                     };
                     if let Some(a) = addr {
-                        r.ok("dns", format!("tunnel {:?}: {h} resolves to {}", t.name, a.ip()));
+                        r.ok(
+                            "dns",
+                            format!("tunnel {:?}: {h} resolves to {}", t.name, a.ip()),
+                        );
                     }
                     out.push((i, e.clone(), addr));
                 }
@@ -662,7 +695,12 @@ async fn check_mtu(
             continue;
         };
         let link_mtu = match &netlink {
-            Some(n) => n.find_link(&route.iface).await.ok().flatten().and_then(|l| l.mtu),
+            Some(n) => n
+                .find_link(&route.iface)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.mtu),
             None => None,
         }
         .or_else(|| {
@@ -700,7 +738,10 @@ async fn check_mtu(
                      moves to IPv6 (80 bytes overhead)",
                     t.name, route.iface
                 ),
-                format!("set mtu = {} in [site] to be safe on both", link_mtu.saturating_sub(80)),
+                format!(
+                    "set mtu = {} in [site] to be safe on both",
+                    link_mtu.saturating_sub(80)
+                ),
             );
         } else {
             r.ok(
@@ -862,8 +903,18 @@ mod tests {
                 iface: "eth1".into(),
             },
         ];
-        assert_eq!(route_for(&routes, "10.1.2.3".parse().unwrap()).unwrap().iface, "eth1");
-        assert_eq!(route_for(&routes, "8.8.8.8".parse().unwrap()).unwrap().iface, "eth0");
+        assert_eq!(
+            route_for(&routes, "10.1.2.3".parse().unwrap())
+                .unwrap()
+                .iface,
+            "eth1"
+        );
+        assert_eq!(
+            route_for(&routes, "8.8.8.8".parse().unwrap())
+                .unwrap()
+                .iface,
+            "eth0"
+        );
         let a: IpNet = "10.1.0.0/16".parse().unwrap();
         let b: IpNet = "10.1.2.0/24".parse().unwrap();
         let c: IpNet = "10.2.0.0/16".parse().unwrap();
@@ -878,7 +929,11 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         let mut r = Report::default();
         // A clock two days behind the file's mtime.
-        check_clock(&mut r, &[f.clone()], SystemTime::now() - Duration::from_secs(2 * 86_400));
+        check_clock(
+            &mut r,
+            &[f.clone()],
+            SystemTime::now() - Duration::from_secs(2 * 86_400),
+        );
         assert_eq!(r.0[0].level, Level::Fail, "{:?}", r.0);
         assert!(r.0[0].message.contains("no time server was asked"));
         let mut r = Report::default();
@@ -890,7 +945,10 @@ mod tests {
     #[test]
     fn proc_route_hex_is_little_endian() {
         // 0102A8C0 is 192.168.2.1; 00FFFFFF is 255.255.255.0.
-        assert_eq!(hex_u32_le("0102A8C0"), Some(u32::from(std::net::Ipv4Addr::new(192, 168, 2, 1))));
+        assert_eq!(
+            hex_u32_le("0102A8C0"),
+            Some(u32::from(std::net::Ipv4Addr::new(192, 168, 2, 1)))
+        );
         assert_eq!(hex_u32_le("00FFFFFF").unwrap().count_ones(), 24);
     }
 }

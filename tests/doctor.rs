@@ -39,7 +39,9 @@ impl Doc {
         for (i, line) in lines.iter().enumerate() {
             if line.starts_with("fail") {
                 assert!(
-                    lines.get(i + 1).is_some_and(|n| n.trim_start().starts_with("fix: ")),
+                    lines
+                        .get(i + 1)
+                        .is_some_and(|n| n.trim_start().starts_with("fix: ")),
                     "failure without a fix: {line}\n{}",
                     self.out
                 );
@@ -100,7 +102,9 @@ fn doctor_passes_a_healthy_site_and_fails_each_broken_thing() {
         "config", "tun", "privs", "iface", "port", "keys", "dns", "routes", "mtu", "clock",
     ] {
         assert!(
-            d.out.lines().any(|l| l.split_whitespace().nth(1) == Some(check)),
+            d.out
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(check)),
             "no {check} line:\n{}",
             d.out
         );

@@ -83,8 +83,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
         ("sitewire@.service", "sitewire@example.service"),
     ] {
         let text = std::fs::read_to_string(root().join("packaging").join(src)).unwrap();
-        std::fs::write(units.join(dst), text.replace("/usr/bin/sitewire", sitewire_bin()))
-            .unwrap();
+        std::fs::write(
+            units.join(dst),
+            text.replace("/usr/bin/sitewire", sitewire_bin()),
+        )
+        .unwrap();
     }
     let out = run(Command::new("systemd-analyze")
         .args(["verify", "./sitewire.service", "./sitewire@example.service"])
@@ -173,7 +176,11 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
             .unwrap_or_else(|| panic!("no .deb path in build output:\n{out}"))
             .trim(),
     );
-    let deb = if deb.is_absolute() { deb } else { root().join(deb) };
+    let deb = if deb.is_absolute() {
+        deb
+    } else {
+        root().join(deb)
+    };
     eprintln!("built {} in {:?}", deb.display(), started.elapsed());
     assert!(deb.exists(), "{}", deb.display());
 
@@ -195,7 +202,12 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     ] {
         assert!(list.contains(want), "{want} not in the package:\n{list}");
     }
-    let conffiles = run_ok(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"));
+    let conffiles = run_ok(
+        Command::new("dpkg-deb")
+            .arg("-I")
+            .arg(&deb)
+            .arg("conffiles"),
+    );
     assert!(
         conffiles.contains("/etc/sitewire/sitewire.toml"),
         "{conffiles}"
@@ -206,7 +218,10 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     // Install.
     let _guard = PurgeOnDrop;
     let out = run_ok(Command::new("dpkg").arg("-i").arg(&deb));
-    assert!(out.contains("generated /etc/sitewire/keys/sitewire.key"), "{out}");
+    assert!(
+        out.contains("generated /etc/sitewire/keys/sitewire.key"),
+        "{out}"
+    );
     let version = run_ok(Command::new("/usr/bin/sitewire").arg("--version"));
     assert_eq!(
         version.trim(),
@@ -218,7 +233,10 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
         "/etc/sitewire/sitewire.toml",
     ]));
     assert!(check.contains("ok"), "{check}");
-    assert!(check.contains("0 tunnels"), "the shipped config must be inert: {check}");
+    assert!(
+        check.contains("0 tunnels"),
+        "the shipped config must be inert: {check}"
+    );
     assert_eq!(mode("/etc/sitewire/keys"), 0o700);
     assert_eq!(mode("/etc/sitewire/keys/sitewire.key"), 0o600);
     assert_eq!(mode("/etc/sitewire/sitewire.toml"), 0o644);
@@ -226,7 +244,8 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     assert_eq!(mode("/lib/systemd/system/sitewire@.service"), 0o644);
     let man = run_ok(Command::new("dpkg").args(["-L", "sitewire"]));
     assert!(
-        man.lines().any(|l| l.starts_with("/usr/share/man/man1/sitewire.1")),
+        man.lines()
+            .any(|l| l.starts_with("/usr/share/man/man1/sitewire.1")),
         "{man}"
     );
     // The installed man page renders.
@@ -237,7 +256,10 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     // Reinstalling (an upgrade to the same version) keeps the generated key.
     let key = std::fs::read("/etc/sitewire/keys/sitewire.key").unwrap();
     run_ok(Command::new("dpkg").arg("-i").arg(&deb));
-    assert_eq!(std::fs::read("/etc/sitewire/keys/sitewire.key").unwrap(), key);
+    assert_eq!(
+        std::fs::read("/etc/sitewire/keys/sitewire.key").unwrap(),
+        key
+    );
 
     // Purge: every file and directory of the package, the generated key, /etc/sitewire.
     let files: Vec<String> = man
