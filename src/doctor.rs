@@ -12,12 +12,12 @@
 //! * `keys`    key files: present, regular, mode 0600 or stricter, owned by us, a key;
 //! * `dns`     endpoint host names resolve;
 //! * `routes`  remote subnets against the host's routes (main table via /proc/net/route
-//!             and /proc/net/ipv6_route); endpoints inside their own tunnel's subnets;
+//!   and /proc/net/ipv6_route); endpoints inside their own tunnel's subnets;
 //! * `mtu`     site MTU + encapsulation overhead against the MTU of the interface the
-//!             route to each endpoint leaves by;
+//!   route to each endpoint leaves by;
 //! * `clock`   the system clock against a fixed floor and the modification times of the
-//!             config and key files, plus the kernel's NTP-synchronised flag. No time server
-//!             is asked: the output says so.
+//!   config and key files, plus the kernel's NTP-synchronised flag. No time server
+//!   is asked: the output says so.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -931,7 +931,7 @@ mod tests {
         // A clock two days behind the file's mtime.
         check_clock(
             &mut r,
-            &[f.clone()],
+            std::slice::from_ref(&f),
             SystemTime::now() - Duration::from_secs(2 * 86_400),
         );
         assert_eq!(r.0[0].level, Level::Fail, "{:?}", r.0);
