@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::{self, Config, Endpoint, KeyRef, Keying, PeerKey, Protocol};
 use crate::control::{self, SiteView};
 use crate::dataplane::netlink::Netlink;
-use crate::dataplane::wg::WgTunnelSpec;
+use crate::dataplane::wg::{ProbeSpec, WgTunnelSpec};
 use crate::dataplane::{Dataplane, Wire, MAX_PACKET};
 use crate::keys::{PrivateKey, Psk, PublicKey};
 use crate::reload::{self, ReloadOutcome, ReloadRequest};
@@ -77,9 +77,31 @@ pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
                 persistent_keepalive: t
                     .persistent_keepalive
                     .map(|d| d.as_secs().min(u64::from(u16::MAX)) as u16),
+                psk_file: match &t.psk {
+                    Some(KeyRef::File(p)) => Some(p.clone()),
+                    _ => None,
+                },
+                probe: t.probe.map(|p| probe_spec(cfg, t, p)).transpose()?,
+                dpd: t.dpd,
             })
         })
         .collect()
+}
+
+fn probe_spec(cfg: &Config, t: &config::Tunnel, p: config::Probe) -> Result<ProbeSpec> {
+    let Some(source) = p.source_for(&cfg.site, &t.local_subnets) else {
+        bail!(
+            "tunnel {:?} (line {}): probe needs a source address: set probe.source, \
+             an IPv4 site.address or IPv4 local_subnets",
+            t.name,
+            t.line
+        );
+    };
+    Ok(ProbeSpec {
+        source,
+        target: p.target,
+        interval: p.interval,
+    })
 }
 
 /// Resolve each configured endpoint to one address (the first the resolver gives).
@@ -205,6 +227,7 @@ async fn run(
     installed.sockets.push(uapi_path);
     tokio::spawn(control::serve_control(ctl, view.clone()));
     tokio::spawn(control::serve_uapi(uapi, view.clone()));
+    crate::metrics::start(&cfg, dp.clone()).await?;
 
     for (name, f) in [
         (

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataplane::stats::{RecentRtt, RttSource};
 use crate::dataplane::wg::WgTunnel;
 use crate::dataplane::Dataplane;
 
@@ -47,6 +48,34 @@ pub struct TunnelStatus {
     pub estimated_loss: f32,
     pub persistent_keepalive_secs: Option<u16>,
     pub drops: BTreeMap<String, u64>,
+    /// Initiations that went unanswered / handshake messages rejected.
+    #[serde(default)]
+    pub handshake_timeouts: u64,
+    #[serde(default)]
+    pub handshake_rejects: u64,
+    /// Recent RTT samples by source (`wireguard_handshake`, `probe`, `ike`), the same
+    /// samples the `sitewire_tunnel_rtt_seconds` histogram counts.
+    #[serde(default)]
+    pub rtt: BTreeMap<String, RecentRtt>,
+    /// Estimated loss 0..1 by source, as `sitewire_tunnel_loss_ratio` reports it.
+    #[serde(default)]
+    pub loss: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub probe: Option<ProbeStatus>,
+    /// Dead-peer events (probe silence for the DPD timeout).
+    #[serde(default)]
+    pub dpd_dead: u64,
+}
+
+/// The data-path probe of a tunnel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    pub target: String,
+    pub source: String,
+    pub interval_secs: f64,
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
 }
 
 fn to_strings<T: ToString>(v: &[T]) -> Vec<String> {
@@ -62,6 +91,7 @@ impl TunnelStatus {
             now.duration_since(at).map_or(0, |d| d.as_secs())
         });
         let (rtt, loss) = t.rtt_and_loss();
+        let snap = crate::metrics::wg_snapshot(t);
         let state = serde_json::to_value(t.state())
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -88,6 +118,29 @@ impl TunnelStatus {
             estimated_loss: loss,
             persistent_keepalive_secs: t.spec.persistent_keepalive,
             drops: owned(t.stats.drops.snapshot()),
+            handshake_timeouts: t.stats.handshake_timeouts.load(Relaxed),
+            handshake_rejects: t.stats.handshake_rejects.load(Relaxed),
+            rtt: RttSource::ALL
+                .iter()
+                .filter_map(|s| Some((s.as_str().to_owned(), t.stats.rtt.get(*s).recent()?)))
+                .collect(),
+            loss: snap
+                .loss
+                .iter()
+                .map(|(s, v)| ((*s).to_owned(), *v))
+                .collect(),
+            probe: t.probe.as_ref().map(|p| {
+                let c = p.counts();
+                ProbeStatus {
+                    target: p.target.to_string(),
+                    source: p.source.to_string(),
+                    interval_secs: p.interval.as_secs_f64(),
+                    sent: c.sent,
+                    answered: c.received,
+                    lost: c.lost,
+                }
+            }),
+            dpd_dead: t.stats.dpd_dead.load(Relaxed),
         }
     }
 }
@@ -174,8 +227,57 @@ impl SiteStatus {
                     format!(", drops: {}", fmt_map(&t.drops))
                 }
             );
+            if let Some(line) = t.health_line() {
+                let _ = writeln!(s, "  {:<16} {line}", "");
+            }
         }
         s
+    }
+}
+
+impl TunnelStatus {
+    /// RTT quantiles, loss and probe results on one line (None if there are none).
+    fn health_line(&self) -> Option<String> {
+        let mut parts: Vec<String> = self
+            .rtt
+            .iter()
+            .map(|(source, r)| {
+                format!(
+                    "rtt {source} p50 {} p99 {} ({} samples)",
+                    ms(r.p50_ms),
+                    ms(r.p99_ms),
+                    r.samples
+                )
+            })
+            .collect();
+        if !self.loss.is_empty() {
+            let loss: Vec<String> = self
+                .loss
+                .iter()
+                .map(|(source, v)| format!("{source} {:.1}%", v * 100.0))
+                .collect();
+            parts.push(format!("loss {}", loss.join(" ")));
+        }
+        if let Some(p) = &self.probe {
+            parts.push(format!(
+                "probe {} answered {}/{}",
+                p.target,
+                p.answered,
+                p.answered + p.lost
+            ));
+        }
+        if self.dpd_dead > 0 {
+            parts.push(format!("dead-peer events {}", self.dpd_dead));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}ms")
+    } else {
+        format!("{v:.0}ms")
     }
 }
 

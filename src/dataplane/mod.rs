@@ -262,6 +262,9 @@ impl Dataplane {
         let now = Instant::now();
         let wall = SystemTime::now();
         let table = self.tunnels.load();
+        for t in &table.list {
+            t.run_probe(&self.wire, out, now);
+        }
         table
             .list
             .iter()

@@ -3,6 +3,7 @@
 //! The packet threads and the timer task share a tunnel; the `Tunn` and the current
 //! endpoint sit behind one mutex that is held only for the crypto and the send.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,10 +14,11 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 
-use super::stats::{DropReason, TunnelStats};
+use super::stats::{DropReason, RttSource, TunnelStats};
 use super::Wire;
-use crate::config::Endpoint;
+use crate::config::{Dpd, DpdAction, Endpoint};
 use crate::keys::{PrivateKey, Psk, PublicKey};
+use crate::probe::{Prober, Verdict};
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this carries no data.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
@@ -34,7 +36,23 @@ pub struct WgTunnelSpec {
     pub local_subnets: Vec<IpNet>,
     pub remote_subnets: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The PSK's file, for its age (None: no PSK, or not from a file).
+    pub psk_file: Option<std::path::PathBuf>,
+    /// Data-path probe: (source address, target, interval).
+    pub probe: Option<ProbeSpec>,
+    /// Probe silence for `dpd.timeout` is a dead-peer event handled by `dpd.action`.
+    pub dpd: Dpd,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub source: std::net::Ipv4Addr,
+    pub target: std::net::Ipv4Addr,
+    pub interval: Duration,
+}
+
+/// Handshake initiations we sent and still wait for (sender index, when), newest last.
+const PENDING_INITIATIONS: usize = 4;
 
 struct Live {
     tunn: Tunn,
@@ -64,6 +82,10 @@ pub struct WgTunnel {
     last_handshake_ns: AtomicU64,
     /// boringtun reported ConnectionExpired: handshakes failed for 90 s.
     expired: AtomicBool,
+    /// Our unanswered initiations, to time the handshake RTT to the microsecond
+    /// (boringtun's own `last_rtt` is whole milliseconds).
+    initiations: Mutex<VecDeque<(u32, Instant)>>,
+    pub probe: Option<Prober>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +136,9 @@ impl WgTunnel {
             roamed: false,
         };
         let first = endpoints.resolved.first().copied().flatten();
+        let probe = spec
+            .probe
+            .map(|p| Prober::new(p.target, p.source, p.interval, now));
         Self {
             spec,
             index,
@@ -125,6 +150,8 @@ impl WgTunnel {
             stats: TunnelStats::default(),
             last_handshake_ns: AtomicU64::new(0),
             expired: AtomicBool::new(false),
+            initiations: Mutex::new(VecDeque::new()),
+            probe,
         }
     }
 
@@ -138,14 +165,50 @@ impl WgTunnel {
             return;
         };
         match wire.send_to(datagram, to) {
-            Ok(_) => self.stats.count_tx(datagram.len()),
+            Ok(_) => {
+                self.stats.count_tx(datagram.len());
+                if is_initiation(datagram) {
+                    self.note_initiation(datagram);
+                }
+            }
             Err(_) => self.stats.drops.add(DropReason::IoError),
+        }
+    }
+
+    fn note_initiation(&self, datagram: &[u8]) {
+        let sender = u32::from_le_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let mut pending = lock(&self.initiations);
+        // A new initiation means the previous one went unanswered.
+        if !pending.is_empty() {
+            self.stats.handshake_timeouts.fetch_add(1, Relaxed);
+        }
+        if pending.len() == PENDING_INITIATIONS {
+            pending.pop_front();
+        }
+        pending.push_back((sender, Instant::now()));
+    }
+
+    /// A handshake response for this tunnel was accepted: time it against our initiation.
+    fn note_response(&self, datagram: &[u8]) {
+        let receiver = u32::from_le_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+        let mut pending = lock(&self.initiations);
+        if let Some(&(_, sent)) = pending.iter().find(|(idx, _)| *idx == receiver) {
+            pending.clear();
+            drop(pending);
+            self.stats
+                .rtt
+                .get(RttSource::WireguardHandshake)
+                .observe(sent.elapsed());
         }
     }
 
     /// A plaintext IP packet from the TUN, routed to this tunnel.
     pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
         self.stats.tx_inner_packets.fetch_add(1, Relaxed);
+        self.seal(wire, packet, out);
+    }
+
+    fn seal(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
         let mut live = lock(&self.live);
         match live.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
@@ -168,7 +231,17 @@ impl WgTunnel {
         self.stats.count_rx(datagram.len());
         let mut live = lock(&self.live);
         let mut authenticated = true;
-        match live.tunn.decapsulate(Some(src.ip()), datagram, out) {
+        let kind = datagram.first().copied().unwrap_or(0);
+        let result = live.tunn.decapsulate(Some(src.ip()), datagram, out);
+        match &result {
+            TunnResult::Err(_) if matches!(kind, 1 | 2) => {
+                self.stats.handshake_rejects.fetch_add(1, Relaxed);
+            }
+            TunnResult::Err(_) => {}
+            _ if kind == 2 && datagram.len() >= 12 => self.note_response(datagram),
+            _ => {}
+        }
+        match result {
             TunnResult::WriteToNetwork(d) => {
                 let is_cookie = d.len() == 64 && d[0] == 3;
                 authenticated = !is_cookie;
@@ -224,6 +297,16 @@ impl WgTunnel {
         if !super::router::contains_any(&self.spec.remote_subnets, from) {
             self.stats.drops.add(DropReason::SourceNotAllowed);
             return;
+        }
+        if let Some(probe) = &self.probe {
+            match probe.handle(packet, Instant::now()) {
+                Verdict::NotOurs => {}
+                Verdict::Reply(rtt) => {
+                    self.stats.rtt.get(RttSource::Probe).observe(rtt);
+                    return;
+                }
+                Verdict::Stale | Verdict::Unmeasured => return,
+            }
         }
         self.stats.rx_inner_packets.fetch_add(1, Relaxed);
         deliver(packet);
@@ -294,6 +377,41 @@ impl WgTunnel {
         }
     }
 
+    /// Sends the data-path probe when it is due and acts on a dead peer (probe silence
+    /// for the DPD timeout). Called from the timer task, without locks held.
+    pub fn run_probe(&self, wire: &Wire, out: &mut [u8], now: Instant) {
+        let Some(probe) = &self.probe else { return };
+        let has_session = self.session_age().is_some_and(|a| a < SESSION_LIFETIME);
+        // Without a session the probe still goes out (it starts a handshake and feeds
+        // loss and DPD) but its reply time would include the handshake.
+        if let Some(request) = probe.poll_send(now, has_session) {
+            self.seal(wire, &request, out);
+        }
+        if !probe.dead_peer(now, self.spec.dpd.timeout) {
+            return;
+        }
+        self.stats.dpd_dead.fetch_add(1, Relaxed);
+        tracing::warn!(
+            tunnel = %self.spec.name,
+            target = %probe.target,
+            timeout = ?self.spec.dpd.timeout,
+            action = ?self.spec.dpd.action,
+            "probe unanswered: peer considered dead"
+        );
+        if self.spec.dpd.action == DpdAction::Restart {
+            let mut live = lock(&self.live);
+            if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, true)
+            {
+                self.send(wire, live.endpoint, d);
+            }
+        }
+    }
+
+    /// Age of the current session (None: never had one).
+    pub fn session_age(&self) -> Option<Duration> {
+        lock(&self.live).tunn.time_since_last_handshake()
+    }
+
     /// Start a handshake now (at startup, or on operator request).
     pub fn initiate(&self, wire: &Wire, out: &mut [u8]) {
         let mut live = lock(&self.live);
@@ -346,4 +464,9 @@ impl WgTunnel {
         let (_, _, _, loss, rtt) = lock(&self.live).tunn.stats();
         (rtt, loss)
     }
+}
+
+/// A WireGuard handshake initiation (message type 1, 148 bytes).
+fn is_initiation(datagram: &[u8]) -> bool {
+    datagram.len() == 148 && datagram[..4] == [1, 0, 0, 0]
 }
