@@ -22,6 +22,9 @@ declare -A PKG_OF=(
   [dpkg-shlibdeps]=dpkg-dev
   # doctor tests: a private mount namespace without /dev/net/tun
   [unshare]=util-linux
+  # metrics tests: a real Prometheus scraping the daemons, promtool for rules and metrics
+  [prometheus]=prometheus
+  [promtool]=prometheus
 )
 
 missing_pkgs=()
@@ -43,7 +46,7 @@ if ((${#missing_pkgs[@]} > 0)); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     iproute2 iputils-ping iperf3 wireguard-go wireguard-tools procps jq \
-    systemd man-db dpkg-dev util-linux
+    systemd man-db dpkg-dev util-linux prometheus
 else
   echo "install-test-deps: all test binaries present, skipping apt" >&2
 fi
