@@ -119,6 +119,47 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs dpkg, waiting (up to 5 min) while another dpkg/apt holds the dpkg lock.
+fn dpkg(args: &[&std::ffi::OsStr]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let out = run(Command::new("dpkg").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && err.contains("lock") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            continue;
+        }
+        assert!(
+            out.status.success(),
+            "dpkg {args:?} failed ({}):\n{}\n{err}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        return String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+}
+
+/// Holds an exclusive lock so that two runs of this test on one machine (two checkouts,
+/// two sessions) do not install and purge the package under each other.
+struct MachineLock(std::fs::File);
+
+impl MachineLock {
+    fn take() -> MachineLock {
+        std::fs::create_dir_all(support::STATE_DIR).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Path::new(support::STATE_DIR).join("packaging.lock"))
+            .unwrap();
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own; blocks until the other holder is done.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        MachineLock(f)
+    }
+}
+
 fn installed() -> bool {
     run(Command::new("dpkg-query").args(["-W", "-f=${Status}", "sitewire"]))
         .stdout
@@ -161,9 +202,10 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     {
         return;
     }
+    let _lock = MachineLock::take();
     if installed() {
         eprintln!("a sitewire package is installed (left by an earlier run?): purging it first");
-        run_ok(Command::new("dpkg").args(["--purge", "sitewire"]));
+        dpkg(&["--purge".as_ref(), "sitewire".as_ref()]);
     }
 
     // Build. Reuses target/ (the release build is incremental after the first time).
@@ -217,7 +259,7 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
 
     // Install.
     let _guard = PurgeOnDrop;
-    let out = run_ok(Command::new("dpkg").arg("-i").arg(&deb));
+    let out = dpkg(&["-i".as_ref(), deb.as_os_str()]);
     assert!(
         out.contains("generated /etc/sitewire/keys/sitewire.key"),
         "{out}"
@@ -255,7 +297,7 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
     }
     // Reinstalling (an upgrade to the same version) keeps the generated key.
     let key = std::fs::read("/etc/sitewire/keys/sitewire.key").unwrap();
-    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
+    dpkg(&["-i".as_ref(), deb.as_os_str()]);
     assert_eq!(
         std::fs::read("/etc/sitewire/keys/sitewire.key").unwrap(),
         key
@@ -267,7 +309,7 @@ fn deb_builds_installs_checks_and_purges_cleanly() {
         .filter(|l| l.contains("sitewire"))
         .map(str::to_string)
         .collect();
-    run_ok(Command::new("dpkg").args(["--purge", "sitewire"]));
+    dpkg(&["--purge".as_ref(), "sitewire".as_ref()]);
     assert!(!installed());
     let left: Vec<&String> = files.iter().filter(|f| Path::new(f).exists()).collect();
     assert!(left.is_empty(), "left after purge: {left:?}");
