@@ -2,6 +2,8 @@
 //! keys both IPsec and WireGuard tunnels.
 
 pub mod crypto;
+pub mod engine;
+pub mod ts;
 pub mod wire;
 
 pub use crypto::{AeadAlg, IkeKeys, OpenError};
