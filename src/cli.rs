@@ -79,6 +79,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rekey an IKE-keyed tunnel now: a fresh key exchange and a new WireGuard PSK,
+    /// switched over without dropping packets.
+    Rotate {
+        /// The tunnel (its [[tunnel]] name).
+        #[arg(long)]
+        tunnel: String,
+        #[arg(short, long, conflicts_with = "interface")]
+        config: Option<PathBuf>,
+        /// The site's interface; default: the only site running on this host.
+        #[arg(short, long)]
+        interface: Option<String>,
+    },
     /// Troubleshoot a site: config, TUN, port, keys, DNS, routes, MTU, clock; each check
     /// prints ok/warn/fail with a one-line fix. Exits non-zero if any check fails.
     Doctor {
@@ -176,6 +188,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interface,
             json,
         } => runtime()?.block_on(reload(config, interface, json)),
+        Command::Rotate {
+            tunnel,
+            config,
+            interface,
+        } => runtime()?.block_on(rotate(tunnel, config, interface)),
         Command::Doctor { config } => {
             let ok = runtime()?.block_on(crate::doctor::main(&config));
             Ok(if ok {
@@ -313,6 +330,29 @@ async fn reload(
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn rotate(
+    tunnel: String,
+    config: Option<PathBuf>,
+    interface: Option<String>,
+) -> Result<ExitCode> {
+    let socket = match (config, interface) {
+        (Some(c), _) => control::control_socket_path(&interface_of(&c)?),
+        (None, Some(i)) => control::control_socket_path(&i),
+        (None, None) => match running_sockets()?.as_slice() {
+            [one] => one.clone(),
+            _ => bail!("several sites run here: name one with --interface or --config"),
+        },
+    };
+    match control::request(&socket, &Request::Rotate { tunnel }).await? {
+        Response::Ok(msg) => {
+            println!("{msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
 }
 
 async fn status(

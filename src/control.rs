@@ -41,6 +41,10 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config: Option<PathBuf>,
     },
+    /// Rekey an IKE-keyed tunnel now: new CHILD SA, new WireGuard PSK.
+    Rotate {
+        tunnel: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,6 +52,7 @@ pub enum Request {
 pub enum Response {
     Status(Box<SiteStatus>),
     Reload(Box<ReloadOutcome>),
+    Ok(String),
     Error(String),
 }
 
@@ -59,6 +64,8 @@ pub struct SiteView {
     pub started: std::time::SystemTime,
     /// Where reload requests go (the daemon's main loop); None: reload not offered.
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
+    /// The IKE driver's commands; None: no IKE-keyed tunnels.
+    pub ike: Option<tokio::sync::mpsc::Sender<crate::ikewg::Command>>,
 }
 
 impl SiteView {
@@ -114,12 +121,35 @@ async fn control_conn(stream: UnixStream, view: &SiteView) -> Result<()> {
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Response::Status(Box::new(view.status())),
         Ok(Request::Reload { config }) => reload_request(view, config).await,
+        Ok(Request::Rotate { tunnel }) => rotate_request(view, tunnel).await,
         Err(e) => Response::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     wr.write_all(&out).await?;
     Ok(())
+}
+
+async fn rotate_request(view: &SiteView, tunnel: String) -> Response {
+    let Some(tx) = &view.ike else {
+        return Response::Error(format!(
+            "tunnel {tunnel}: this site has no IKE-keyed tunnels"
+        ));
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let name = tunnel.clone();
+    if tx
+        .send(crate::ikewg::Command::Rotate { tunnel, reply })
+        .await
+        .is_err()
+    {
+        return Response::Error("the daemon is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(())) => Response::Ok(format!("tunnel {name}: rekey started")),
+        Ok(Err(e)) => Response::Error(e),
+        Err(_) => Response::Error("the daemon is shutting down".into()),
+    }
 }
 
 async fn reload_request(view: &SiteView, config: Option<PathBuf>) -> Response {
@@ -206,8 +236,8 @@ pub fn uapi_get(dp: &Dataplane) -> String {
     let _ = writeln!(s, "listen_port={}", dp.listen_port);
     for t in &dp.tunnels.load().list {
         let _ = writeln!(s, "public_key={}", hex(t.spec.peer_public_key.as_bytes()));
-        if let Some(psk) = &t.spec.psk {
-            let _ = writeln!(s, "preshared_key={}", hex(psk.as_bytes()));
+        if let Some(psk) = t.current_psk() {
+            let _ = writeln!(s, "preshared_key={}", hex(&psk[..]));
         }
         let _ = writeln!(s, "protocol_version=1");
         if let Some(ep) = t.endpoint() {
@@ -223,7 +253,7 @@ pub fn uapi_get(dp: &Dataplane) -> String {
             "persistent_keepalive_interval={}",
             t.spec.persistent_keepalive.unwrap_or(0)
         );
-        for net in &t.spec.remote_subnets {
+        for net in t.allowed() {
             let _ = writeln!(s, "allowed_ip={net}");
         }
     }

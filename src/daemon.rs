@@ -47,13 +47,6 @@ pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
                     t.line
                 );
             }
-            if t.keying == Keying::Ike {
-                bail!(
-                    "tunnel {:?} (line {}): keying = \"ike\" is not supported by this build yet",
-                    t.name,
-                    t.line
-                );
-            }
             let peer = match &t.peer_public_key {
                 Some(PeerKey::Inline(k)) => PublicKey(*k),
                 Some(PeerKey::Vault(p)) => bail!(
@@ -83,6 +76,8 @@ pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
                 },
                 probe: t.probe.map(|p| probe_spec(cfg, t, p)).transpose()?,
                 dpd: t.dpd,
+                ike: t.keying == Keying::Ike,
+                rekey_interval: t.rekey_interval,
             })
         })
         .collect()
@@ -212,12 +207,24 @@ async fn run(
     }
 
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    // IKE-keyed tunnels: the driver gets IKE datagrams from the UDP thread.
+    let ike_cmd = match crate::ikewg::Driver::new(dp.clone()) {
+        Some(driver) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::ikewg::QUEUE);
+            let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
+            let _ = dp.ike_tx.set(tx);
+            tokio::spawn(driver.run(rx, cmd_rx));
+            Some(cmd_tx)
+        }
+        None => None,
+    };
     let view = Arc::new(SiteView {
         site: cfg.site.name.clone(),
         interface: cfg.site.interface.clone(),
         dataplane: dp.clone(),
         started,
         reload: Some(reload_tx),
+        ike: ike_cmd,
     });
     let ctl_path = control::control_socket_path(&cfg.site.interface);
     let ctl = control::bind_private(&ctl_path, 0o700)?;

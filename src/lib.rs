@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod doctor;
+pub mod ikewg;
 pub mod keys;
 pub mod metrics;
 pub mod netprobe;

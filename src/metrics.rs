@@ -587,7 +587,7 @@ pub fn wg_snapshot(t: &WgTunnel) -> TunnelSnapshot {
     TunnelSnapshot {
         name: t.spec.name.clone(),
         protocol: "wireguard",
-        keying: "static",
+        keying: if t.spec.ike { "ike" } else { "static" },
         up: t.state() == TunnelState::Up,
         rx_bytes: s.rx_bytes.load(Relaxed),
         tx_bytes: s.tx_bytes.load(Relaxed),
@@ -603,8 +603,15 @@ pub fn wg_snapshot(t: &WgTunnel) -> TunnelSnapshot {
             ("timeout", s.handshake_timeouts.load(Relaxed)),
             ("rejected", s.handshake_rejects.load(Relaxed)),
         ],
-        rekeys: Vec::new(),
-        dpd_dead: t.probe.as_ref().map(|_| s.dpd_dead.load(Relaxed)),
+        rekeys: if t.spec.ike {
+            vec![
+                ("success", s.rekeys_ok.load(Relaxed)),
+                ("failure", s.rekeys_failed.load(Relaxed)),
+            ]
+        } else {
+            Vec::new()
+        },
+        dpd_dead: (t.probe.is_some() || t.spec.ike).then(|| s.dpd_dead.load(Relaxed)),
         rtt,
         loss,
         probes,

@@ -374,7 +374,7 @@ async fn apply(
         let endpoints = spec.endpoints.clone();
         let t = Arc::new(WgTunnel::new(
             spec,
-            fresh_index(&mut used),
+            crate::dataplane::fresh_index(&mut used),
             &dp.private,
             dp.rate_limiter.clone(),
             now,
@@ -413,18 +413,6 @@ async fn apply(
     let mut buf = vec![0u8; MAX_PACKET];
     for t in &fresh {
         t.initiate(&dp.wire, &mut buf);
-    }
-}
-
-/// A random, unused, non-zero 24-bit receiver index base.
-fn fresh_index(used: &mut HashSet<u32>) -> u32 {
-    loop {
-        let mut b = [0u8; 4];
-        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-        let idx = u32::from_le_bytes(b) & 0x00ff_ffff;
-        if idx != 0 && used.insert(idx) {
-            return idx;
-        }
     }
 }
 

@@ -29,6 +29,9 @@ pub struct TunnelStatus {
     pub name: String,
     pub protocol: String,
     pub keying: String,
+    /// IKE SA state, SPIs, suite, selectors, next rekey, DPD (IKE-keyed tunnels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ike: Option<crate::ikewg::IkeStatus>,
     pub state: String,
     pub endpoint: Option<String>,
     pub peer_public_key: String,
@@ -99,7 +102,12 @@ impl TunnelStatus {
         Self {
             name: t.spec.name.clone(),
             protocol: "wireguard".into(),
-            keying: "static".into(),
+            keying: if t.spec.ike { "ike" } else { "static" }.into(),
+            ike: t
+                .ike_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             state,
             endpoint: t.endpoint().map(|e| e.to_string()),
             peer_public_key: t.spec.peer_public_key.to_base64(),
@@ -229,6 +237,9 @@ impl SiteStatus {
             );
             if let Some(line) = t.health_line() {
                 let _ = writeln!(s, "  {:<16} {line}", "");
+            }
+            if let Some(ike) = &t.ike {
+                let _ = writeln!(s, "  {:<16} {}", "", ike.render());
             }
         }
         s

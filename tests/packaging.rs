@@ -141,7 +141,7 @@ fn dpkg(args: &[&std::ffi::OsStr]) -> String {
 
 /// Holds an exclusive lock so that two runs of this test on one machine (two checkouts,
 /// two sessions) do not install and purge the package under each other.
-struct MachineLock(std::fs::File);
+struct MachineLock(#[allow(dead_code)] std::fs::File);
 
 impl MachineLock {
     fn take() -> MachineLock {

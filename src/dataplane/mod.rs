@@ -112,6 +112,16 @@ impl TunnelTable {
         t
     }
 
+    /// The tunnel and session slot a receiver index names (boringtun puts our index in
+    /// its top 24 bits; the low two of those select the session).
+    fn session(&self, receiver_idx: u32) -> Option<(usize, Option<u32>)> {
+        let index = receiver_idx >> 8;
+        let slot = index & (wg::SESSION_SLOTS - 1);
+        self.by_index
+            .get(&(index & !(wg::SESSION_SLOTS - 1)))
+            .map(|&i| (i, Some(slot)))
+    }
+
     pub fn by_name(&self, name: &str) -> Option<&Arc<WgTunnel>> {
         self.list.iter().find(|t| t.spec.name == name)
     }
@@ -127,6 +137,8 @@ pub struct Dataplane {
     pub listen_port: u16,
     /// Drops not attributable to a tunnel.
     pub drops: Drops,
+    /// Where IKE messages go (the IKE driver task), once one runs.
+    pub ike_tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>>,
 }
 
 impl Dataplane {
@@ -148,6 +160,7 @@ impl Dataplane {
             public,
             listen_port,
             drops: Drops::default(),
+            ike_tx: std::sync::OnceLock::new(),
         };
         let now = Instant::now();
         let mut used = std::collections::HashSet::new();
@@ -186,7 +199,16 @@ impl Dataplane {
         match demux::classify(datagram) {
             Ok(Datagram::WireGuard(_)) => self.handle_wireguard(datagram, src, out),
             Ok(Datagram::NatKeepalive) => {}
-            Ok(Datagram::Ike | Datagram::Esp) => self.drops.add(DropReason::UnsupportedProtocol),
+            Ok(Datagram::Ike) => match self.ike_tx.get() {
+                // The driver keeps up with IKE's few messages; a full queue means a flood.
+                Some(tx) => {
+                    if tx.try_send((src, datagram[4..].to_vec())).is_err() {
+                        self.drops.add(DropReason::RateLimited);
+                    }
+                }
+                None => self.drops.add(DropReason::UnsupportedProtocol),
+            },
+            Ok(Datagram::Esp) => self.drops.add(DropReason::UnsupportedProtocol),
             Err(_) => self.drops.add(DropReason::Malformed),
         }
     }
@@ -194,21 +216,23 @@ impl Dataplane {
     fn handle_wireguard(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
         let table = self.tunnels.load();
         let slot = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => self.route_initiation(&table, datagram, src, out),
-            Ok(Packet::HandshakeResponse(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketCookieReply(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketData(p)) => table.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Ok(Packet::HandshakeInit(_)) => self
+                .route_initiation(&table, datagram, src, out)
+                .map(|i| (i, None)),
+            Ok(Packet::HandshakeResponse(p)) => table.session(p.receiver_idx),
+            Ok(Packet::PacketCookieReply(p)) => table.session(p.receiver_idx),
+            Ok(Packet::PacketData(p)) => table.session(p.receiver_idx),
             Err(_) => {
                 self.drops.add(DropReason::Malformed);
                 return;
             }
         };
-        let Some(i) = slot else {
+        let Some((i, session)) = slot else {
             return;
         };
         let tun = &self.tun;
         let drops = &self.drops;
-        table.list[i].decapsulate(&self.wire, src, datagram, out, &mut |p| {
+        table.list[i].decapsulate(&self.wire, src, session, datagram, out, &mut |p| {
             if tun.send(p).is_err() {
                 drops.add(DropReason::IoError);
             }
@@ -320,12 +344,13 @@ impl Dataplane {
     }
 }
 
-/// A random, unused, non-zero 24-bit receiver index base.
-fn fresh_index(used: &mut std::collections::HashSet<u32>) -> u32 {
+/// A random, unused, non-zero 24-bit receiver index base whose low bits are free for
+/// the session slot.
+pub fn fresh_index(used: &mut std::collections::HashSet<u32>) -> u32 {
     loop {
         let mut b = [0u8; 4];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-        let idx = u32::from_le_bytes(b) & 0x00ff_ffff;
+        let idx = u32::from_le_bytes(b) & 0x00ff_ffff & !(wg::SESSION_SLOTS - 1);
         if idx != 0 && used.insert(idx) {
             return idx;
         }

@@ -25,10 +25,12 @@ pub enum DropReason {
     RateLimited,
     /// Writing to the TUN or the UDP socket failed.
     IoError,
+    /// Outbound: a keyed tunnel has no keys yet (its IKE SA is not up).
+    NoKeys,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         Self::Malformed,
         Self::NoRoute,
         Self::NoEndpoint,
@@ -38,6 +40,7 @@ impl DropReason {
         Self::UnsupportedProtocol,
         Self::RateLimited,
         Self::IoError,
+        Self::NoKeys,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +54,7 @@ impl DropReason {
             Self::UnsupportedProtocol => "unsupported_protocol",
             Self::RateLimited => "rate_limited",
             Self::IoError => "io_error",
+            Self::NoKeys => "no_keys",
         }
     }
 }
@@ -92,8 +96,11 @@ pub struct TunnelStats {
     pub handshake_timeouts: AtomicU64,
     /// Handshake messages for this tunnel that failed authentication or were malformed.
     pub handshake_rejects: AtomicU64,
-    /// Dead-peer events (probe silence for the DPD timeout).
+    /// Dead-peer events (probe silence for the DPD timeout, or IKE liveness failing).
     pub dpd_dead: AtomicU64,
+    /// IKE CHILD SA rekeys (IKE-keyed tunnels).
+    pub rekeys_ok: AtomicU64,
+    pub rekeys_failed: AtomicU64,
     pub drops: Drops,
     pub rtt: RttStats,
 }

@@ -38,6 +38,10 @@ pub struct WgTunnelSpec {
     pub persistent_keepalive: Option<u16>,
     /// The PSK's file, for its age (None: no PSK, or not from a file).
     pub psk_file: Option<std::path::PathBuf>,
+    /// Keyed by IKE: sessions come and go with CHILD SAs.
+    pub ike: bool,
+    /// IKE-keyed: how often the CHILD SA (and so the WireGuard PSK) is renewed.
+    pub rekey_interval: Duration,
     /// Data-path probe: (source address, target, interval).
     pub probe: Option<ProbeSpec>,
     /// Probe silence for `dpd.timeout` is a dead-peer event handled by `dpd.action`.
@@ -54,9 +58,54 @@ pub struct ProbeSpec {
 /// Handshake initiations we sent and still wait for (sender index, when), newest last.
 const PENDING_INITIATIONS: usize = 4;
 
-struct Live {
+/// Sessions per tunnel at once: a keyed tunnel holds the current PSK's session and the
+/// one it replaces (make-before-break), with room to spare.
+pub const SESSION_SLOTS: u32 = 4;
+
+/// One boringtun `Tunn`: a WireGuard session under one preshared key.
+struct Session {
     tunn: Tunn,
+    /// Low bits of the receiver index (`tunnel.index | slot`).
+    slot: u32,
+    /// The IKE CHILD SA that keyed it (None: static keys).
+    child: Option<u64>,
+    /// Its preshared key (shown through the UAPI, as `wg` expects).
+    psk: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// Replaced by a newer key; dropped once the newer session carries traffic.
+    retired_at: Option<Instant>,
+}
+
+fn has_session(t: &Tunn) -> bool {
+    t.time_since_last_handshake()
+        .is_some_and(|s| s < SESSION_LIFETIME)
+}
+
+struct Live {
+    /// Oldest first; the newest answers handshake initiations.
+    sessions: Vec<Session>,
     endpoint: Option<SocketAddr>,
+}
+
+impl Live {
+    /// The session outbound packets use: the newest that has a live WireGuard session,
+    /// else the newest (which then starts a handshake).
+    fn sending(&mut self) -> Option<&mut Session> {
+        let i = self
+            .sessions
+            .iter()
+            .rposition(|s| has_session(&s.tunn))
+            .or(self.sessions.len().checked_sub(1))?;
+        Some(&mut self.sessions[i])
+    }
+
+    fn sending_ref(&self) -> Option<&Session> {
+        let i = self
+            .sessions
+            .iter()
+            .rposition(|s| has_session(&s.tunn))
+            .or(self.sessions.len().checked_sub(1))?;
+        Some(&self.sessions[i])
+    }
 }
 
 /// Where to send: the configured candidates, their last resolution, and which one is in use.
@@ -86,6 +135,13 @@ pub struct WgTunnel {
     /// (boringtun's own `last_rtt` is whole milliseconds).
     initiations: Mutex<VecDeque<(u32, Instant)>>,
     pub probe: Option<Prober>,
+    private: PrivateKey,
+    rate_limiter: Arc<RateLimiter>,
+    /// Inner source addresses accepted from the peer: the configured remote subnets, or
+    /// for IKE-keyed tunnels the negotiated traffic selectors.
+    allowed: arc_swap::ArcSwap<Vec<IpNet>>,
+    /// IKE state as last published by the IKE driver (IKE-keyed tunnels).
+    pub ike_status: Mutex<Option<crate::ikewg::IkeStatus>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,14 +170,28 @@ impl WgTunnel {
         rate_limiter: Arc<RateLimiter>,
         now: Instant,
     ) -> Self {
-        let tunn = Tunn::new(
-            private.to_static_secret(),
-            spec.peer_public_key.to_dalek(),
-            spec.psk.as_ref().map(|p| *p.as_bytes()),
-            spec.persistent_keepalive,
-            index,
-            Some(rate_limiter),
-        );
+        // A tunnel keyed by IKE has no session until its first CHILD SA.
+        let sessions = if spec.ike {
+            Vec::new()
+        } else {
+            vec![Session {
+                tunn: Tunn::new(
+                    private.to_static_secret(),
+                    spec.peer_public_key.to_dalek(),
+                    spec.psk.as_ref().map(|p| *p.as_bytes()),
+                    spec.persistent_keepalive,
+                    index,
+                    Some(rate_limiter.clone()),
+                ),
+                slot: 0,
+                child: None,
+                psk: spec
+                    .psk
+                    .as_ref()
+                    .map(|p| zeroize::Zeroizing::new(*p.as_bytes())),
+                retired_at: None,
+            }]
+        };
         let endpoints = Endpoints {
             resolved: spec
                 .endpoints
@@ -136,6 +206,7 @@ impl WgTunnel {
             roamed: false,
         };
         let first = endpoints.resolved.first().copied().flatten();
+        let spec_allowed = spec.remote_subnets.clone();
         let probe = spec
             .probe
             .map(|p| Prober::new(p.target, p.source, p.interval, now));
@@ -143,9 +214,13 @@ impl WgTunnel {
             spec,
             index,
             live: Mutex::new(Live {
-                tunn,
+                sessions,
                 endpoint: first,
             }),
+            private: private.clone(),
+            rate_limiter,
+            allowed: arc_swap::ArcSwap::from_pointee(spec_allowed),
+            ike_status: Mutex::new(None),
             endpoints: Mutex::new(endpoints),
             stats: TunnelStats::default(),
             last_handshake_ns: AtomicU64::new(0),
@@ -210,8 +285,13 @@ impl WgTunnel {
 
     fn seal(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
         let mut live = lock(&self.live);
-        match live.tunn.encapsulate(packet, out) {
-            TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
+        let endpoint = live.endpoint;
+        let Some(session) = live.sending() else {
+            self.stats.drops.add(DropReason::NoKeys);
+            return;
+        };
+        match session.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => self.send(wire, endpoint, d),
             TunnResult::Done => {} // queued until the handshake completes
             TunnResult::Err(_) => self.stats.drops.add(DropReason::Malformed),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
@@ -220,10 +300,13 @@ impl WgTunnel {
 
     /// A WireGuard datagram from `src` addressed to this tunnel. Decrypted packets whose
     /// inner source is inside the tunnel's remote subnets are handed to `deliver`.
+    /// `slot` is the session the receiver index names (None for handshake initiations,
+    /// which go to the newest session).
     pub fn decapsulate(
         &self,
         wire: &Wire,
         src: SocketAddr,
+        slot: Option<u32>,
         datagram: &[u8],
         out: &mut [u8],
         deliver: &mut dyn FnMut(&[u8]),
@@ -232,7 +315,16 @@ impl WgTunnel {
         let mut live = lock(&self.live);
         let mut authenticated = true;
         let kind = datagram.first().copied().unwrap_or(0);
-        let result = live.tunn.decapsulate(Some(src.ip()), datagram, out);
+        let session = match slot {
+            Some(slot) => live.sessions.iter_mut().find(|s| s.slot == slot),
+            None => live.sessions.last_mut(),
+        };
+        let Some(session) = session else {
+            self.stats.drops.add(DropReason::UnknownPeer);
+            return;
+        };
+        let tunn = &mut session.tunn;
+        let result = tunn.decapsulate(Some(src.ip()), datagram, out);
         match &result {
             TunnResult::Err(_) if matches!(kind, 1 | 2) => {
                 self.stats.handshake_rejects.fetch_add(1, Relaxed);
@@ -253,8 +345,7 @@ impl WgTunnel {
                     self.stats.drops.add(DropReason::RateLimited);
                 } else {
                     // Flush packets queued while the handshake was in flight.
-                    while let TunnResult::WriteToNetwork(d) = live.tunn.decapsulate(None, &[], out)
-                    {
+                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], out) {
                         match wire.send_to(d, src) {
                             Ok(_) => self.stats.count_tx(d.len()),
                             Err(_) => self.stats.drops.add(DropReason::IoError),
@@ -294,7 +385,7 @@ impl WgTunnel {
         if packet.is_empty() {
             return; // keepalive
         }
-        if !super::router::contains_any(&self.spec.remote_subnets, from) {
+        if !super::router::contains_any(&self.allowed.load(), from) {
             self.stats.drops.add(DropReason::SourceNotAllowed);
             return;
         }
@@ -316,16 +407,40 @@ impl WgTunnel {
     /// failover. Returns true if the tunnel wants its host names re-resolved.
     pub fn tick(&self, wire: &Wire, out: &mut [u8], now: Instant, wall: SystemTime) -> bool {
         let mut live = lock(&self.live);
-        match live.tunn.update_timers(out) {
-            TunnResult::WriteToNetwork(d) => self.send(wire, live.endpoint, d),
-            TunnResult::Err(WireGuardError::ConnectionExpired)
-                if !self.expired.swap(true, Relaxed) =>
-            {
-                tracing::warn!(tunnel = %self.spec.name, "handshakes failing: peer not answering");
+        let endpoint = live.endpoint;
+        let newest = live.sessions.len().saturating_sub(1);
+        for (i, session) in live.sessions.iter_mut().enumerate() {
+            match session.tunn.update_timers(out) {
+                TunnResult::WriteToNetwork(d) => self.send(wire, endpoint, d),
+                TunnResult::Err(WireGuardError::ConnectionExpired)
+                    if i == newest && !self.expired.swap(true, Relaxed) =>
+                {
+                    tracing::warn!(tunnel = %self.spec.name, "handshakes failing: peer not answering");
+                }
+                _ => {}
             }
-            _ => {}
         }
-        let since = live.tunn.time_since_last_handshake();
+        // A replaced session goes once a newer one carries traffic (or it is useless).
+        let newest_live = live.sessions.iter().rposition(|s| has_session(&s.tunn));
+        let before = live.sessions.len();
+        let mut idx = 0;
+        live.sessions.retain(|s| {
+            let keep = match s.retired_at {
+                None => true,
+                Some(at) => {
+                    newest_live.is_none_or(|n| n <= idx)
+                        && now.duration_since(at) < SESSION_LIFETIME
+                }
+            };
+            idx += 1;
+            keep
+        });
+        if live.sessions.len() != before {
+            tracing::debug!(tunnel = %self.spec.name, sessions = live.sessions.len(), "replaced WireGuard session dropped");
+        }
+        let since = live
+            .sending_ref()
+            .and_then(|s| s.tunn.time_since_last_handshake());
         if let Some(since) = since {
             self.note_handshake(wall, since);
         }
@@ -338,7 +453,11 @@ impl WgTunnel {
             eps.trying_since = now;
             return false;
         }
-        if eps.resolved.is_empty() || now.duration_since(eps.trying_since) < FAILOVER_AFTER {
+        // IKE-keyed tunnels fail over through their IKE SA.
+        if self.spec.ike
+            || eps.resolved.is_empty()
+            || now.duration_since(eps.trying_since) < FAILOVER_AFTER
+        {
             return false;
         }
         // No session for a while: move to the next configured endpoint and try again.
@@ -353,8 +472,11 @@ impl WgTunnel {
         if next.is_some() {
             live.endpoint = next;
         }
-        if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, true) {
-            self.send(wire, live.endpoint, d);
+        let endpoint = live.endpoint;
+        if let Some(s) = live.sessions.last_mut() {
+            if let TunnResult::WriteToNetwork(d) = s.tunn.format_handshake_initiation(out, true) {
+                self.send(wire, endpoint, d);
+            }
         }
         // Host names are re-resolved whenever we fail over.
         self.spec
@@ -400,26 +522,33 @@ impl WgTunnel {
         );
         if self.spec.dpd.action == DpdAction::Restart {
             let mut live = lock(&self.live);
-            if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, true)
-            {
-                self.send(wire, live.endpoint, d);
+            let endpoint = live.endpoint;
+            if let Some(s) = live.sessions.last_mut() {
+                if let TunnResult::WriteToNetwork(d) = s.tunn.format_handshake_initiation(out, true)
+                {
+                    self.send(wire, endpoint, d);
+                }
             }
         }
     }
 
     /// Age of the current session (None: never had one).
     pub fn session_age(&self) -> Option<Duration> {
-        lock(&self.live).tunn.time_since_last_handshake()
+        lock(&self.live)
+            .sending_ref()
+            .and_then(|s| s.tunn.time_since_last_handshake())
     }
 
     /// Start a handshake now (at startup, or on operator request).
     pub fn initiate(&self, wire: &Wire, out: &mut [u8]) {
         let mut live = lock(&self.live);
-        if live.endpoint.is_none() {
+        let Some(endpoint) = live.endpoint else {
             return;
-        }
-        if let TunnResult::WriteToNetwork(d) = live.tunn.format_handshake_initiation(out, false) {
-            self.send(wire, live.endpoint, d);
+        };
+        if let Some(s) = live.sessions.last_mut() {
+            if let TunnResult::WriteToNetwork(d) = s.tunn.format_handshake_initiation(out, false) {
+                self.send(wire, Some(endpoint), d);
+            }
         }
     }
 
@@ -447,7 +576,9 @@ impl WgTunnel {
 
     pub fn state(&self) -> TunnelState {
         let live = lock(&self.live);
-        let since = live.tunn.time_since_last_handshake();
+        let since = live
+            .sending_ref()
+            .and_then(|s| s.tunn.time_since_last_handshake());
         if since.is_some_and(|s| s < SESSION_LIFETIME) {
             TunnelState::Up
         } else if live.endpoint.is_none() {
@@ -459,10 +590,105 @@ impl WgTunnel {
         }
     }
 
+    /// A new preshared key from an IKE CHILD SA: a new session beside the current one.
+    /// `initiate`: start its handshake now (we made the CHILD SA, so the peer already
+    /// has the key); otherwise the peer's initiation will arrive.
+    pub fn install_psk(
+        &self,
+        child: u64,
+        psk: &[u8; 32],
+        initiate: bool,
+        wire: &Wire,
+        out: &mut [u8],
+    ) {
+        let mut live = lock(&self.live);
+        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
+        if used.len() as u32 >= SESSION_SLOTS {
+            // Drop the oldest to make room (it was replaced long ago).
+            live.sessions.remove(0);
+        }
+        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
+        let slot = (0..SESSION_SLOTS)
+            .find(|s| !used.contains(s))
+            .unwrap_or_default();
+        let now = Instant::now();
+        for s in &mut live.sessions {
+            s.retired_at.get_or_insert(now);
+        }
+        live.sessions.push(Session {
+            tunn: Tunn::new(
+                self.private.to_static_secret(),
+                self.spec.peer_public_key.to_dalek(),
+                Some(*psk),
+                self.spec.persistent_keepalive,
+                self.index | slot,
+                Some(self.rate_limiter.clone()),
+            ),
+            slot,
+            child: Some(child),
+            psk: Some(zeroize::Zeroizing::new(*psk)),
+            retired_at: None,
+        });
+        let endpoint = live.endpoint;
+        if initiate {
+            if let Some(s) = live.sessions.last_mut() {
+                if let TunnResult::WriteToNetwork(d) =
+                    s.tunn.format_handshake_initiation(out, false)
+                {
+                    self.send(wire, endpoint, d);
+                }
+            }
+        }
+    }
+
+    /// The CHILD SA behind a session is gone: retire the session (it stays until a newer
+    /// one carries traffic).
+    pub fn retire_child(&self, child: u64) {
+        let mut live = lock(&self.live);
+        let now = Instant::now();
+        for s in live.sessions.iter_mut().filter(|s| s.child == Some(child)) {
+            s.retired_at.get_or_insert(now);
+        }
+    }
+
+    /// Forget every session (the IKE SA is gone and the DPD action is `clear`).
+    pub fn clear_sessions(&self) {
+        lock(&self.live).sessions.clear();
+    }
+
+    /// Inner source addresses accepted from the peer (negotiated selectors).
+    pub fn set_allowed(&self, nets: Vec<IpNet>) {
+        self.allowed.store(Arc::new(nets));
+    }
+
+    pub fn allowed(&self) -> Vec<IpNet> {
+        self.allowed.load().as_ref().clone()
+    }
+
+    /// Use this endpoint (IKE found the peer there).
+    pub fn set_endpoint(&self, ep: SocketAddr) {
+        lock(&self.live).endpoint = Some(ep);
+    }
+
+    /// The preshared key of the session in use (for the root-only UAPI socket).
+    pub fn current_psk(&self) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        lock(&self.live).sending_ref().and_then(|s| s.psk.clone())
+    }
+
+    /// Number of WireGuard sessions (keys) held.
+    pub fn session_count(&self) -> usize {
+        lock(&self.live).sessions.len()
+    }
+
     /// boringtun's view: (handshake RTT in ms, estimated loss 0..1).
     pub fn rtt_and_loss(&self) -> (Option<u32>, f32) {
-        let (_, _, _, loss, rtt) = lock(&self.live).tunn.stats();
-        (rtt, loss)
+        match lock(&self.live).sending_ref() {
+            Some(s) => {
+                let (_, _, _, loss, rtt) = s.tunn.stats();
+                (rtt, loss)
+            }
+            None => (None, 0.0),
+        }
     }
 }
 

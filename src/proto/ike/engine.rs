@@ -194,6 +194,8 @@ pub struct ChildInfo {
     pub rekey_of: Option<ChildId>,
     /// Whether a fresh key exchange went into this SA's keys.
     pub pfs: bool,
+    /// We initiated the exchange that made it, so the peer already has its keys.
+    pub initiator: bool,
 }
 
 /// Why an IKE SA or a tunnel's negotiation failed.
@@ -2050,6 +2052,7 @@ impl Endpoint {
             remote_ts,
             rekey_of,
             pfs: !shared.is_empty(),
+            initiator,
         };
         self.peers[peer].children.push(Child {
             info: info.clone(),

@@ -1,0 +1,476 @@
+//! IKE keying for WireGuard tunnels (`keying = "ike"`): drives the sans-IO IKE engine
+//! with the clock, the site's UDP socket and the OS RNG, and turns its events into
+//! WireGuard sessions.
+//!
+//! - Identities are the sites' WireGuard public keys (ID_KEY_ID); the IKE PSK is derived
+//!   from the static-static X25519 result bound to both keys, so nothing extra is
+//!   configured and only the holder of a tunnel's static key can authenticate.
+//! - Every CHILD SA yields a 32-byte WireGuard preshared key. A new one starts a new
+//!   session beside the current one; whoever made the CHILD SA (and so knows the peer has
+//!   the key too) sends the first handshake. Outbound traffic moves once the new session
+//!   is up; the old one keeps receiving until then (make-before-break).
+//! - Dead-peer detection is IKE liveness; data received on the tunnel counts as liveness.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::mpsc;
+
+use crate::config::DpdAction;
+use crate::dataplane::stats::RttSource;
+use crate::dataplane::wg::WgTunnel;
+use crate::dataplane::{Dataplane, MAX_PACKET};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::proto::ike::crypto::{self, AeadAlg};
+use crate::proto::ike::engine::{
+    ChildKeys, ChildKind, Endpoint, Event, Failure, PeerConfig, Rng, Timers,
+};
+use crate::proto::ike::ts;
+use crate::proto::ike::wire::{ids, ts_from_subnet, Identity, TrafficSelector};
+
+/// OS randomness for the engine.
+pub struct OsRng;
+
+impl Rng for OsRng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, buf);
+    }
+}
+
+/// Queue of IKE datagrams from the UDP thread.
+pub const QUEUE: usize = 256;
+
+fn key_id(k: &PublicKey) -> Identity {
+    Identity {
+        ty: ids::ID_KEY_ID,
+        data: k.as_bytes().to_vec(),
+    }
+}
+
+/// The IKE PSK of a tunnel: prf(X25519(ours, theirs), label | lower key | higher key).
+/// Both sites compute the same value; nobody else can.
+pub fn derive_psk(private: &PrivateKey, peer: &PublicKey) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let ours = private.public_key();
+    let dh =
+        crypto::X25519Secret::from_bytes(*private.as_bytes()).diffie_hellman(peer.as_bytes())?;
+    let (lo, hi) = if ours.as_bytes() < peer.as_bytes() {
+        (ours, *peer)
+    } else {
+        (*peer, ours)
+    };
+    let psk = crypto::prf(
+        &dh[..],
+        &[
+            b"sitewire ike-keyed wireguard psk v1",
+            lo.as_bytes(),
+            hi.as_bytes(),
+        ],
+    );
+    Some(zeroize::Zeroizing::new(psk.to_vec()))
+}
+
+fn selectors(nets: &[IpNet]) -> Vec<TrafficSelector> {
+    if nets.is_empty() {
+        // "any local source", as for plain WireGuard tunnels.
+        return vec![
+            ts_from_subnet("0.0.0.0/0".parse().expect("valid")),
+            ts_from_subnet("::/0".parse().expect("valid")),
+        ];
+    }
+    nets.iter().map(|n| ts_from_subnet(*n)).collect()
+}
+
+/// Address ranges back to prefixes (a narrowed range need not be one prefix).
+pub fn ts_to_nets(sel: &[TrafficSelector]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for s in sel {
+        match (s.start, s.end) {
+            (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+                out.extend(ipnet::Ipv4Subnets::new(a, b, 0).map(IpNet::V4));
+            }
+            (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+                out.extend(ipnet::Ipv6Subnets::new(a, b, 0).map(IpNet::V6));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What `status` shows about a tunnel's IKE side.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct IkeStatus {
+    pub state: String,
+    pub spi_i: Option<String>,
+    pub spi_r: Option<String>,
+    pub suite: Option<String>,
+    pub initiator: Option<bool>,
+    pub child_sas: usize,
+    pub pfs: bool,
+    pub local_ts: Vec<String>,
+    pub remote_ts: Vec<String>,
+    pub next_rekey_secs: Option<u64>,
+    pub rekeys: u64,
+    pub last_error: Option<String>,
+    pub dpd: String,
+}
+
+impl IkeStatus {
+    /// One line for the status table.
+    pub fn render(&self) -> String {
+        let mut parts = vec![format!("ike {}", self.state)];
+        if let (Some(i), Some(r), Some(suite)) = (&self.spi_i, &self.spi_r, &self.suite) {
+            parts.push(format!("spi {i}/{r} {suite}"));
+        }
+        parts.push(format!(
+            "pfs {}, pq off",
+            if self.pfs { "on" } else { "off" }
+        ));
+        if !self.local_ts.is_empty() {
+            parts.push(format!(
+                "ts {} <-> {}",
+                self.local_ts.join(","),
+                self.remote_ts.join(",")
+            ));
+        }
+        if let Some(n) = self.next_rekey_secs {
+            parts.push(format!("rekey in {n}s ({} done)", self.rekeys));
+        }
+        parts.push(format!("dpd {}", self.dpd));
+        if let Some(e) = &self.last_error {
+            parts.push(format!("error: {e}"));
+        }
+        parts.join(", ")
+    }
+}
+
+struct Tunnel {
+    wg: Arc<WgTunnel>,
+    action: DpdAction,
+    last_rx_packets: u64,
+    rekeys: u64,
+    last_error: Option<String>,
+    dead: bool,
+}
+
+/// Commands from the control socket.
+pub enum Command {
+    Rotate {
+        tunnel: String,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    Status {
+        reply: tokio::sync::oneshot::Sender<Vec<(String, IkeStatus)>>,
+    },
+}
+
+pub struct Driver {
+    ep: Endpoint,
+    tunnels: Vec<Tunnel>,
+    dp: Arc<Dataplane>,
+    rng: OsRng,
+    out: Vec<u8>,
+}
+
+fn suite_name(a: AeadAlg) -> String {
+    match a {
+        AeadAlg::ChaCha20Poly1305 => "chacha20poly1305-prfsha256-x25519".into(),
+        AeadAlg::AesGcm16 { key_bits } => format!("aes{key_bits}gcm16-prfsha256-x25519"),
+    }
+}
+
+impl Driver {
+    /// A driver for the site's IKE-keyed tunnels; None if there are none.
+    pub fn new(dp: Arc<Dataplane>) -> Option<Self> {
+        let table = dp.tunnels.load();
+        let mut peers = Vec::new();
+        let mut tunnels = Vec::new();
+        for t in table.list.iter().filter(|t| t.spec.ike) {
+            let Some(psk) = derive_psk(&dp.private, &t.spec.peer_public_key) else {
+                tracing::error!(tunnel = %t.spec.name, "peer public key is a low-order point: IKE keying impossible");
+                continue;
+            };
+            let dpd = t.spec.dpd;
+            peers.push(PeerConfig {
+                name: t.spec.name.clone(),
+                local_id: key_id(&dp.public),
+                remote_id: key_id(&t.spec.peer_public_key),
+                psk,
+                ike_aeads: vec![
+                    AeadAlg::ChaCha20Poly1305,
+                    AeadAlg::AesGcm16 { key_bits: 256 },
+                ],
+                child_aeads: vec![AeadAlg::ChaCha20Poly1305],
+                child_pfs: true,
+                local_ts: selectors(&t.spec.local_subnets),
+                remote_ts: selectors(&t.spec.remote_subnets),
+                child_kind: ChildKind::WireGuardPsk,
+                timers: Timers {
+                    retransmit_base: Duration::from_millis(500),
+                    retransmit_factor: 1.6,
+                    retransmit_tries: 30,
+                    dpd_interval: dpd.interval,
+                    dpd_timeout: dpd.timeout,
+                    child_rekey: t.spec.rekey_interval,
+                    ike_rekey: (t.spec.rekey_interval * 30).max(Duration::from_secs(3600)),
+                },
+                remote_addr: t.endpoint(),
+            });
+            tunnels.push(Tunnel {
+                wg: t.clone(),
+                action: dpd.action,
+                last_rx_packets: 0,
+                rekeys: 0,
+                last_error: None,
+                dead: false,
+            });
+        }
+        if peers.is_empty() {
+            return None;
+        }
+        let local = SocketAddr::from(([0, 0, 0, 0], dp.listen_port));
+        Some(Self {
+            ep: Endpoint::new(peers, local),
+            tunnels,
+            dp,
+            rng: OsRng,
+            out: vec![0u8; MAX_PACKET],
+        })
+    }
+
+    fn start(&mut self, now: Instant) {
+        for p in 0..self.tunnels.len() {
+            self.ep.set_remote_addr(p, self.tunnels[p].wg.endpoint());
+            self.ep.initiate(p, now, &mut self.rng);
+        }
+    }
+
+    /// Run until the process ends.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        mut cmds: mpsc::Receiver<Command>,
+    ) {
+        self.start(Instant::now());
+        self.flush();
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let deadline = self
+                .ep
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some((from, data)) = msg else { return };
+                    self.ep.handle_datagram(Instant::now(), from, &data, &mut self.rng);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.ep.handle_timeout(Instant::now(), &mut self.rng);
+                }
+                _ = second.tick() => self.housekeeping(Instant::now()),
+                Some(cmd) = cmds.recv() => self.command(cmd),
+            }
+            self.flush();
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Rotate { tunnel, reply } => {
+                let r = match self.tunnels.iter().position(|t| t.wg.spec.name == tunnel) {
+                    Some(p) if self.ep.is_established(p) => {
+                        self.ep.rekey_child(p, Instant::now(), &mut self.rng);
+                        Ok(())
+                    }
+                    Some(_) => Err(format!("tunnel {tunnel}: no IKE SA established yet")),
+                    None => Err(format!("tunnel {tunnel} is not keyed by IKE")),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(
+                    (0..self.tunnels.len())
+                        .map(|p| (self.tunnels[p].wg.spec.name.clone(), self.status(p)))
+                        .collect(),
+                );
+            }
+        }
+    }
+
+    fn status(&self, p: usize) -> IkeStatus {
+        let t = &self.tunnels[p];
+        let info = self.ep.ike_sa_info(p);
+        let child = self.ep.children(p).last().cloned();
+        IkeStatus {
+            state: if self.ep.is_established(p) {
+                "established".into()
+            } else if self.ep.is_active(p) {
+                "connecting".into()
+            } else if t.dead {
+                "dead".into()
+            } else {
+                "idle".into()
+            },
+            spi_i: info.map(|i| format!("{:016x}", i.0)),
+            spi_r: info.map(|i| format!("{:016x}", i.1)),
+            suite: info.map(|i| suite_name(i.2)),
+            initiator: info.map(|i| i.3),
+            child_sas: self.ep.children(p).count(),
+            pfs: child.as_ref().is_some_and(|c| c.pfs),
+            local_ts: child
+                .as_ref()
+                .map(|c| c.local_ts.iter().map(ts::display).collect())
+                .unwrap_or_default(),
+            remote_ts: child
+                .as_ref()
+                .map(|c| c.remote_ts.iter().map(ts::display).collect())
+                .unwrap_or_default(),
+            next_rekey_secs: self
+                .ep
+                .next_child_rekey(p)
+                .map(|t| t.saturating_duration_since(Instant::now()).as_secs()),
+            rekeys: t.rekeys,
+            last_error: t.last_error.clone(),
+            dpd: format!("{:?}", t.action).to_lowercase(),
+        }
+    }
+
+    /// Once a second: data-plane liveness, (re)starting tunnels that have no IKE SA, and
+    /// the status the control socket shows.
+    fn housekeeping(&mut self, now: Instant) {
+        for p in 0..self.tunnels.len() {
+            let st = self.status(p);
+            *self.tunnels[p]
+                .wg
+                .ike_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(st);
+            let rx = self.tunnels[p].wg.stats.rx_packets.load(Relaxed);
+            if rx != self.tunnels[p].last_rx_packets {
+                self.tunnels[p].last_rx_packets = rx;
+                self.ep.note_peer_activity(p, now);
+            }
+            let hold = self.tunnels[p].dead && self.tunnels[p].action == DpdAction::Clear;
+            if !self.ep.is_active(p) && !hold {
+                self.ep.set_remote_addr(p, self.tunnels[p].wg.endpoint());
+                self.ep.initiate(p, now, &mut self.rng);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(tx) = self.ep.poll_transmit() {
+            let mut d = Vec::with_capacity(tx.data.len() + 4);
+            d.extend_from_slice(&[0, 0, 0, 0]);
+            d.extend_from_slice(&tx.data);
+            if self.dp.wire.send_to(&d, tx.dst).is_err() {
+                tracing::debug!(to = %tx.dst, "sending an IKE message failed");
+            }
+        }
+        while let Some(e) = self.ep.poll_event() {
+            self.event(e);
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::IkeUp {
+                peer,
+                spi_i,
+                spi_r,
+                initiator,
+                rekey,
+                aead,
+            } => {
+                let t = &mut self.tunnels[peer];
+                t.dead = false;
+                tracing::info!(tunnel = %t.wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), initiator, rekey, suite = %suite_name(aead), "IKE SA established");
+            }
+            Event::IkeDown { peer, spi_i, spi_r } => {
+                tracing::info!(tunnel = %self.tunnels[peer].wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), "IKE SA closed");
+            }
+            Event::ChildUp { peer, child } => {
+                let t = &mut self.tunnels[peer];
+                let ChildKeys::WireGuardPsk(psk) = &child.keys else {
+                    return;
+                };
+                t.last_error = None;
+                if child.rekey_of.is_some() {
+                    t.rekeys += 1;
+                    t.wg.stats.rekeys_ok.fetch_add(1, Relaxed);
+                }
+                t.wg.set_allowed(ts_to_nets(&child.remote_ts));
+                t.wg.install_psk(
+                    child.id.0,
+                    psk,
+                    child.initiator,
+                    &self.dp.wire,
+                    &mut self.out,
+                );
+                tracing::info!(
+                    tunnel = %t.wg.spec.name,
+                    child = child.id.0,
+                    pfs = child.pfs,
+                    rekey = child.rekey_of.is_some(),
+                    local_ts = ?child.local_ts.iter().map(ts::display).collect::<Vec<_>>(),
+                    remote_ts = ?child.remote_ts.iter().map(ts::display).collect::<Vec<_>>(),
+                    "new WireGuard key from IKE"
+                );
+            }
+            Event::ChildDown { peer, id } => self.tunnels[peer].wg.retire_child(id.0),
+            Event::PeerDead { peer } => {
+                let t = &mut self.tunnels[peer];
+                t.dead = true;
+                t.wg.stats.dpd_dead.fetch_add(1, Relaxed);
+                tracing::warn!(tunnel = %t.wg.spec.name, action = ?t.action, "peer dead: no answer to IKE liveness checks");
+                match t.action {
+                    DpdAction::Clear => t.wg.clear_sessions(),
+                    // restart: initiate again at once (housekeeping does it for hold on
+                    // the next second too; hold keeps the old sessions meanwhile).
+                    DpdAction::Restart => {
+                        t.wg.clear_sessions();
+                        self.ep.set_remote_addr(peer, t.wg.endpoint());
+                        self.ep.initiate(peer, Instant::now(), &mut self.rng);
+                    }
+                    DpdAction::Hold => {}
+                }
+            }
+            Event::PeerRestarted { peer } => {
+                tracing::info!(tunnel = %self.tunnels[peer].wg.spec.name, "peer restarted (INITIAL_CONTACT): old SAs dropped");
+            }
+            Event::Failed { peer, failure } => {
+                let msg = match &failure {
+                    Failure::TsUnacceptable { offered_local, offered_remote } => format!(
+                        "traffic selectors do not match: peer side {:?}, our side {:?} (check local_subnets/remote_subnets on both sites)",
+                        offered_remote.iter().map(ts::display).collect::<Vec<_>>(),
+                        offered_local.iter().map(ts::display).collect::<Vec<_>>()
+                    ),
+                    other => format!("{other:?}"),
+                };
+                match peer {
+                    Some(p) => {
+                        self.tunnels[p]
+                            .wg
+                            .stats
+                            .rekeys_failed
+                            .fetch_add(u64::from(matches!(failure, Failure::Notify(_))), Relaxed);
+                        tracing::warn!(tunnel = %self.tunnels[p].wg.spec.name, "IKE: {msg}");
+                        self.tunnels[p].last_error = Some(msg);
+                    }
+                    None => tracing::warn!("IKE: {msg}"),
+                }
+            }
+            Event::RttSample { peer, rtt } => self.tunnels[peer]
+                .wg
+                .stats
+                .rtt
+                .get(RttSource::Ike)
+                .observe(rtt),
+            Event::Dropped { reason } => tracing::debug!(reason, "IKE message dropped"),
+        }
+    }
+}
