@@ -4,4 +4,5 @@
 //! returns decisions, so it can be driven by a simulator and fuzzed.
 
 pub mod demux;
+pub mod esp;
 pub mod ike;
