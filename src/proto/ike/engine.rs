@@ -357,6 +357,44 @@ struct IkeSa {
 }
 
 impl IkeSa {
+    /// An SA with nothing exchanged yet; callers fill in keys, nonces and messages.
+    #[allow(clippy::too_many_arguments)]
+    fn blank(
+        peer: Option<PeerId>,
+        initiator: bool,
+        spi_i: u64,
+        spi_r: u64,
+        state: SaState,
+        remote: SocketAddr,
+        aead: AeadAlg,
+        now: Instant,
+    ) -> Self {
+        Self {
+            peer,
+            initiator,
+            spi_i,
+            spi_r,
+            state,
+            remote,
+            aead,
+            keys: None,
+            ni: Vec::new(),
+            nr: Vec::new(),
+            init_req: Vec::new(),
+            init_resp: Vec::new(),
+            dh: None,
+            cookie: None,
+            next_id: 0,
+            pending: None,
+            queue: VecDeque::new(),
+            peer_next_id: 0,
+            last_response: None,
+            iv: 0,
+            created: now,
+            last_rx: now,
+        }
+    }
+
     /// A request of this kind is in flight or queued.
     fn has_request(&self, f: impl Fn(&RequestKind) -> bool) -> bool {
         self.pending.as_ref().is_some_and(|p| f(&p.kind)) || self.queue.iter().any(&f)
@@ -821,28 +859,18 @@ impl Endpoint {
         let dh = X25519Secret::from_bytes(rand_bytes::<32>(rng));
         let aead = self.peers[peer].cfg.ike_aeads[0];
         let mut sa = IkeSa {
-            peer: Some(peer),
-            initiator: true,
-            spi_i,
-            spi_r: 0,
-            state: SaState::InitSent,
-            remote,
-            aead,
-            keys: None,
             ni,
-            nr: Vec::new(),
-            init_req: Vec::new(),
-            init_resp: Vec::new(),
             dh: Some(X25519SecretBox(std::sync::Arc::new(dh))),
-            cookie: None,
-            next_id: 0,
-            pending: None,
-            queue: VecDeque::new(),
-            peer_next_id: 0,
-            last_response: None,
-            iv: 0,
-            created: now,
-            last_rx: now,
+            ..IkeSa::blank(
+                Some(peer),
+                true,
+                spi_i,
+                0,
+                SaState::InitSent,
+                remote,
+                aead,
+                now,
+            )
         };
         let bytes = self.build_init_request(&mut sa);
         sa.init_req = bytes.clone();
@@ -1483,28 +1511,22 @@ impl Endpoint {
         self.sas.insert(
             spi_r,
             IkeSa {
-                peer: None,
-                initiator: false,
-                spi_i: header.spi_i,
-                spi_r,
-                state: SaState::AwaitAuth,
-                remote: from,
-                aead,
                 keys: Some(keys),
                 ni: ni.to_vec(),
                 nr,
                 init_req: data.to_vec(),
                 init_resp: resp,
-                dh: None,
-                cookie: None,
-                next_id: 0,
-                pending: None,
-                queue: VecDeque::new(),
                 peer_next_id: 1,
-                last_response: None,
-                iv: 0,
-                created: now,
-                last_rx: now,
+                ..IkeSa::blank(
+                    None,
+                    false,
+                    header.spi_i,
+                    spi_r,
+                    SaState::AwaitAuth,
+                    from,
+                    aead,
+                    now,
+                )
             },
         );
     }
@@ -2226,28 +2248,19 @@ impl Endpoint {
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, nr);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
-            peer: Some(peer),
-            initiator: true,
-            spi_i: new_spi_i,
-            spi_r: new_spi_r,
-            state: SaState::Established,
-            remote: sa.remote,
-            aead: sa.aead,
             keys: Some(keys),
             ni: ni.to_vec(),
             nr: nr.to_vec(),
-            init_req: Vec::new(),
-            init_resp: Vec::new(),
-            dh: None,
-            cookie: None,
-            next_id: 0,
-            pending: None,
-            queue: VecDeque::new(),
-            peer_next_id: 0,
-            last_response: None,
-            iv: 0,
-            created: now,
-            last_rx: now,
+            ..IkeSa::blank(
+                Some(peer),
+                true,
+                new_spi_i,
+                new_spi_r,
+                SaState::Established,
+                sa.remote,
+                sa.aead,
+                now,
+            )
         };
         self.install_ike_sa(&mut new, peer, true, now);
         self.sas.insert(new_spi_i, new);
@@ -2689,28 +2702,19 @@ impl Endpoint {
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, &nr);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, &nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
-            peer: Some(peer),
-            initiator: false,
-            spi_i: new_spi_i,
-            spi_r: new_spi_r,
-            state: SaState::Established,
-            remote: from,
-            aead: sa.aead,
             keys: Some(keys),
             ni: ni.to_vec(),
             nr,
-            init_req: Vec::new(),
-            init_resp: Vec::new(),
-            dh: None,
-            cookie: None,
-            next_id: 0,
-            pending: None,
-            queue: VecDeque::new(),
-            peer_next_id: 0,
-            last_response: None,
-            iv: 0,
-            created: now,
-            last_rx: now,
+            ..IkeSa::blank(
+                Some(peer),
+                false,
+                new_spi_i,
+                new_spi_r,
+                SaState::Established,
+                from,
+                sa.aead,
+                now,
+            )
         };
         self.install_ike_sa(&mut new, peer, true, now);
         self.sas.insert(new_spi_r, new);
