@@ -142,6 +142,10 @@ pub fn same_spec(a: &WgTunnelSpec, b: &WgTunnelSpec) -> bool {
         && a.local_subnets == b.local_subnets
         && a.remote_subnets == b.remote_subnets
         && a.persistent_keepalive == b.persistent_keepalive
+        && a.ike == b.ike
+        && a.rekey_interval == b.rekey_interval
+        && a.dpd == b.dpd
+        && a.probe == b.probe
 }
 
 fn routes_of(cfg: &Config) -> BTreeSet<IpNet> {
@@ -248,6 +252,28 @@ pub fn plan(
         .filter(|t| new.tunnel(&t.name).is_none())
         .map(|t| t.name.clone())
         .collect();
+    // IKE-keyed tunnels are driven by the IKE engine built at start: only unchanged ones
+    // can ride through a reload for now.
+    let ike = |cfg: &Config, name: &str| {
+        cfg.tunnel(name)
+            .is_some_and(|t| t.keying == crate::config::Keying::Ike)
+    };
+    let blocked: Vec<String> = p
+        .changed
+        .iter()
+        .chain(&p.added)
+        .filter(|n| ike(new, n) || ike(old, n))
+        .chain(p.removed.iter().filter(|n| ike(old, n)))
+        .map(|n| {
+            format!(
+                "tunnel {n:?}: adding, changing or removing a tunnel with keying = \"ike\" \
+                 needs a restart (unchanged IKE tunnels reload fine)"
+            )
+        })
+        .collect();
+    if !blocked.is_empty() {
+        return Err(blocked);
+    }
     let (ro, rn) = (routes_of(old), routes_of(new));
     p.routes_add = rn.difference(&ro).copied().collect();
     p.routes_del = ro.difference(&rn).copied().collect();
@@ -477,6 +503,36 @@ mod tests {
     impl Drop for Fixture {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn ike_tunnels_must_stay_unchanged_across_a_reload() {
+        let f = Fixture::new("ike");
+        let ike = "keying = \"ike\"";
+        let (old, os) = f.config("", &[("wg", 0, ""), ("ike", 1, ike)]);
+        // Unchanged IKE tunnel, edited static one: fine.
+        let (new, ns) = f.config(
+            "",
+            &[("wg", 0, "persistent_keepalive = \"5s\""), ("ike", 1, ike)],
+        );
+        let p = plan(&old, &os, &f.private, &new, &ns, &f.private).unwrap();
+        assert_eq!(p.unchanged, ["ike"]);
+        // A changed rekey interval, an added IKE tunnel, a removed one: restart needed.
+        for tunnels in [
+            vec![
+                ("wg", 0, ""),
+                ("ike", 1, "keying = \"ike\"\nrekey_interval = \"1m\""),
+            ],
+            vec![("wg", 0, ""), ("ike", 1, ike), ("ike2", 2, ike)],
+            vec![("wg", 0, "")],
+        ] {
+            let (new, ns) = f.config("", &tunnels);
+            let errors = plan(&old, &os, &f.private, &new, &ns, &f.private).unwrap_err();
+            assert!(
+                errors.iter().all(|e| e.contains("needs a restart")),
+                "{errors:?}"
+            );
         }
     }
 
