@@ -611,7 +611,8 @@ pub fn wg_snapshot(t: &WgTunnel) -> TunnelSnapshot {
         } else {
             Vec::new()
         },
-        dpd_dead: (t.probe.is_some() || t.spec.ike).then(|| s.dpd_dead.load(Relaxed)),
+        // Every tunnel has DPD: IKE liveness, the probe, or the passive WireGuard check.
+        dpd_dead: Some(s.dpd_dead.load(Relaxed)),
         rtt,
         loss,
         probes,

@@ -55,6 +55,19 @@ pub struct ProbeSpec {
     pub interval: Duration,
 }
 
+/// Passive dead-peer detection for static-keyed tunnels: WireGuard answers every data
+/// packet within KEEPALIVE_TIMEOUT (10 s, with a keepalive if it has nothing to send), so
+/// data sent and nothing received for the DPD timeout (at least 15 s) means the peer is gone.
+pub const PASSIVE_DPD_MIN: Duration = Duration::from_secs(15);
+
+struct PassiveDpd {
+    rx_packets: u64,
+    tx_inner: u64,
+    /// First data packet sent since the peer was last heard from.
+    unanswered_since: Option<Instant>,
+    dead: bool,
+}
+
 /// Handshake initiations we sent and still wait for (sender index, when), newest last.
 const PENDING_INITIATIONS: usize = 4;
 
@@ -135,6 +148,7 @@ pub struct WgTunnel {
     /// (boringtun's own `last_rtt` is whole milliseconds).
     initiations: Mutex<VecDeque<(u32, Instant)>>,
     pub probe: Option<Prober>,
+    passive: Mutex<PassiveDpd>,
     private: PrivateKey,
     rate_limiter: Arc<RateLimiter>,
     /// Inner source addresses accepted from the peer: the configured remote subnets, or
@@ -226,6 +240,12 @@ impl WgTunnel {
             last_handshake_ns: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             initiations: Mutex::new(VecDeque::new()),
+            passive: Mutex::new(PassiveDpd {
+                rx_packets: 0,
+                tx_inner: 0,
+                unanswered_since: None,
+                dead: false,
+            }),
             probe,
         }
     }
@@ -284,6 +304,11 @@ impl WgTunnel {
     }
 
     fn seal(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+        if self.spec.dpd.action == DpdAction::Clear && !self.spec.ike && self.peer_dead() {
+            // `clear`: the tunnel is down until the peer is heard from again.
+            self.stats.drops.add(DropReason::NoEndpoint);
+            return;
+        }
         let mut live = lock(&self.live);
         let endpoint = live.endpoint;
         let Some(session) = live.sending() else {
@@ -448,15 +473,16 @@ impl WgTunnel {
         if has_session {
             self.expired.store(false, Relaxed);
         }
+        let restart = self.passive_dpd(now) && self.spec.dpd.action == DpdAction::Restart;
         let mut eps = lock(&self.endpoints);
-        if has_session {
+        if has_session && !restart {
             eps.trying_since = now;
             return false;
         }
         // IKE-keyed tunnels fail over through their IKE SA.
         if self.spec.ike
             || eps.resolved.is_empty()
-            || now.duration_since(eps.trying_since) < FAILOVER_AFTER
+            || (!restart && now.duration_since(eps.trying_since) < FAILOVER_AFTER)
         {
             return false;
         }
@@ -483,6 +509,52 @@ impl WgTunnel {
             .endpoints
             .iter()
             .any(|e| matches!(e, Endpoint::Host { .. }))
+    }
+
+    /// Passive DPD (static keys): true when the peer was just declared dead.
+    fn passive_dpd(&self, now: Instant) -> bool {
+        if self.spec.ike {
+            return false;
+        }
+        let rx = self.stats.rx_packets.load(Relaxed);
+        let tx = self.stats.tx_inner_packets.load(Relaxed);
+        let mut p = lock(&self.passive);
+        if rx != p.rx_packets {
+            p.rx_packets = rx;
+            p.tx_inner = tx;
+            p.unanswered_since = None;
+            if std::mem::replace(&mut p.dead, false) {
+                tracing::info!(tunnel = %self.spec.name, "peer answering again");
+            }
+            return false;
+        }
+        if tx != p.tx_inner {
+            p.tx_inner = tx;
+            p.unanswered_since.get_or_insert(now);
+        }
+        let limit = self.spec.dpd.timeout.max(PASSIVE_DPD_MIN);
+        if p.dead
+            || !p
+                .unanswered_since
+                .is_some_and(|t| now.duration_since(t) >= limit)
+        {
+            return false;
+        }
+        p.dead = true;
+        drop(p);
+        self.stats.dpd_dead.fetch_add(1, Relaxed);
+        tracing::warn!(
+            tunnel = %self.spec.name,
+            silent_for = ?limit,
+            action = ?self.spec.dpd.action,
+            "peer dead: data sent, nothing received"
+        );
+        true
+    }
+
+    /// The passive DPD declared the peer dead and it has not been heard from since.
+    pub fn peer_dead(&self) -> bool {
+        lock(&self.passive).dead
     }
 
     fn note_handshake(&self, wall: SystemTime, since: Duration) {
@@ -579,7 +651,9 @@ impl WgTunnel {
         let since = live
             .sending_ref()
             .and_then(|s| s.tunn.time_since_last_handshake());
-        if since.is_some_and(|s| s < SESSION_LIFETIME) {
+        if self.peer_dead() {
+            TunnelState::Down
+        } else if since.is_some_and(|s| s < SESSION_LIFETIME) {
             TunnelState::Up
         } else if live.endpoint.is_none() {
             TunnelState::Waiting
