@@ -533,11 +533,10 @@ impl WgTunnel {
             p.unanswered_since.get_or_insert(now);
         }
         let limit = self.spec.dpd.timeout.max(PASSIVE_DPD_MIN);
-        if p.dead
-            || !p
-                .unanswered_since
-                .is_some_and(|t| now.duration_since(t) >= limit)
-        {
+        let silent_too_long = p
+            .unanswered_since
+            .is_some_and(|t| now.duration_since(t) >= limit);
+        if p.dead || !silent_too_long {
             return false;
         }
         p.dead = true;
