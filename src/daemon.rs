@@ -78,6 +78,7 @@ pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
                 dpd: t.dpd,
                 ike: t.keying == Keying::Ike,
                 rekey_interval: t.rekey_interval,
+                post_quantum: t.post_quantum,
             })
         })
         .collect()

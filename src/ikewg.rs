@@ -110,6 +110,8 @@ pub struct IkeStatus {
     pub initiator: Option<bool>,
     pub child_sas: usize,
     pub pfs: bool,
+    /// The IKE SA (and so every PSK) includes the ML-KEM-768 exchange.
+    pub pq: bool,
     pub local_ts: Vec<String>,
     pub remote_ts: Vec<String>,
     pub next_rekey_secs: Option<u64>,
@@ -205,6 +207,7 @@ impl Driver {
                 ],
                 child_aeads: vec![AeadAlg::ChaCha20Poly1305],
                 child_pfs: true,
+                pq: t.spec.post_quantum,
                 local_ts: selectors(&t.spec.local_subnets),
                 remote_ts: selectors(&t.spec.remote_subnets),
                 child_kind: ChildKind::WireGuardPsk,
@@ -321,6 +324,7 @@ impl Driver {
             initiator: info.map(|i| i.3),
             child_sas: self.ep.children(p).count(),
             pfs: child.as_ref().is_some_and(|c| c.pfs),
+            pq: self.ep.ike_sa_pq(p),
             local_ts: child
                 .as_ref()
                 .map(|c| c.local_ts.iter().map(ts::display).collect())
@@ -388,7 +392,8 @@ impl Driver {
             } => {
                 let t = &mut self.tunnels[peer];
                 t.dead = false;
-                tracing::info!(tunnel = %t.wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), initiator, rekey, suite = %suite_name(aead), "IKE SA established");
+                let pq = self.ep.ike_sa_pq(peer);
+                tracing::info!(tunnel = %t.wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), initiator, rekey, suite = %suite_name(aead), pq, "IKE SA established");
             }
             Event::IkeDown { peer, spi_i, spi_r } => {
                 tracing::info!(tunnel = %self.tunnels[peer].wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), "IKE SA closed");

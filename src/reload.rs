@@ -144,6 +144,7 @@ pub fn same_spec(a: &WgTunnelSpec, b: &WgTunnelSpec) -> bool {
         && a.persistent_keepalive == b.persistent_keepalive
         && a.ike == b.ike
         && a.rekey_interval == b.rekey_interval
+        && a.post_quantum == b.post_quantum
         && a.dpd == b.dpd
         && a.probe == b.probe
 }

@@ -91,6 +91,7 @@ fn rekeys_every_five_seconds_without_losing_a_packet() {
     let st = ike(&p.if_a, "to-b");
     assert_eq!(st["state"], "established", "{st}");
     assert_eq!(st["suite"], "chacha20poly1305-prfsha256-x25519");
+    assert_eq!(st["pq"], true, "hybrid ML-KEM-768 is on by default: {st}");
     assert_eq!(st["local_ts"][0], t.subnet_a);
     assert_eq!(st["remote_ts"][0], t.subnet_b);
     // Both sides count each rekey; site a's count is the number of rekeys.

@@ -115,6 +115,7 @@ fn peer(
         ],
         child_aeads: vec![AeadAlg::ChaCha20Poly1305],
         child_pfs: true,
+        pq: true,
         local_ts: local_ts.iter().map(|s| ts(s)).collect(),
         remote_ts: remote_ts.iter().map(|s| ts(s)).collect(),
         child_kind: ChildKind::WireGuardPsk,
@@ -344,21 +345,26 @@ fn establishes_and_agrees_on_keys() {
     );
     sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
     sim.run_until(Duration::from_secs(1));
-    assert!(sim.sides[A].ep.is_established(0));
+    assert!(
+        sim.sides[A].ep.is_established(0),
+        "A {:?}\nB {:?}",
+        sim.sides[A].events,
+        sim.sides[B].events
+    );
     assert!(sim.sides[B].ep.is_established(0));
     assert_children_agree(&sim);
     let a = &sim.live_children(A)[0];
     assert_eq!(a.local_ts, vec![ts("10.1.0.0/24")]);
     assert_eq!(a.remote_ts, vec![ts("10.2.0.0/24")]);
     assert!(!a.pfs, "the IKE_AUTH CHILD SA has no extra key exchange");
-    // 2 round trips over a 10 ms link: IKE_SA_INIT + IKE_AUTH take 40 ms.
+    // 3 round trips over a 10 ms link: IKE_SA_INIT, IKE_INTERMEDIATE (ML-KEM), IKE_AUTH.
     let up_at = sim.sides[A]
         .events
         .iter()
         .find(|(_, e)| matches!(e, Event::ChildUp { .. }))
         .unwrap()
         .0;
-    assert_eq!(up_at, Duration::from_millis(40));
+    assert_eq!(up_at, Duration::from_millis(60));
     let rtts: Vec<Duration> = sim
         .events(A)
         .filter_map(|e| match e {
@@ -366,7 +372,7 @@ fn establishes_and_agrees_on_keys() {
             _ => None,
         })
         .collect();
-    assert_eq!(rtts, vec![Duration::from_millis(20); 2]);
+    assert_eq!(rtts, vec![Duration::from_millis(20); 3]);
 }
 
 #[test]
@@ -614,6 +620,96 @@ fn simultaneous_initiation_converges() {
         assert_eq!(sim.live_children(A).len(), 1, "seed {seed}");
         assert_children_agree(&sim);
     }
+}
+
+#[test]
+fn post_quantum_exchange_runs_in_ike_intermediate() {
+    let mut sim = Sim::new(
+        41,
+        Link::clean(),
+        Timers {
+            child_rekey: Duration::from_secs(4),
+            ike_rekey: Duration::from_secs(9),
+            ..fast_timers()
+        },
+    );
+    sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(1));
+    assert!(sim.sides[A].ep.ike_sa_pq(0) && sim.sides[B].ep.ike_sa_pq(0));
+    assert_children_agree(&sim);
+    // IKE_SA_INIT, IKE_INTERMEDIATE, IKE_AUTH: three round trips over a 10 ms link.
+    let up_at = sim.sides[A]
+        .events
+        .iter()
+        .find(|(_, e)| matches!(e, Event::ChildUp { .. }))
+        .unwrap()
+        .0;
+    assert_eq!(up_at, Duration::from_millis(60));
+    // Rekeys of both kinds keep working on the post-quantum SA.
+    sim.run_until(Duration::from_secs(20));
+    assert!(sim.sides[A].ep.ike_sa_pq(0));
+    assert!(sim.child_ups(A).len() >= 4);
+    assert_children_agree(&sim);
+}
+
+#[test]
+fn post_quantum_downgrade_is_refused() {
+    let t = fast_timers();
+    // a requires the ML-KEM exchange, b does not offer it.
+    let mut sim = Sim::with_peers(42, Link::clean(), |a, b| {
+        let pa = peer(
+            "to-b",
+            "a.sitewire",
+            "b.sitewire",
+            &["10.1.0.0/24"],
+            &["10.2.0.0/24"],
+            Some(b),
+            t.clone(),
+        );
+        let mut pb = peer(
+            "to-a",
+            "b.sitewire",
+            "a.sitewire",
+            &["10.2.0.0/24"],
+            &["10.1.0.0/24"],
+            Some(a),
+            t.clone(),
+        );
+        pb.pq = false;
+        (pa, pb)
+    });
+    sim.sides[B].ep.initiate(0, sim.now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(1));
+    assert!(sim.events(A).any(|e| matches!(e, Event::Failed { failure: Failure::Protocol(m), .. } if m.contains("post-quantum"))), "{:?}", sim.sides[A].events);
+    assert!(sim.live_children(A).is_empty());
+    // Both without it: classic exchange, two round trips.
+    let mut sim = Sim::with_peers(43, Link::clean(), |a, b| {
+        let mut pa = peer(
+            "to-b",
+            "a.sitewire",
+            "b.sitewire",
+            &["10.1.0.0/24"],
+            &["10.2.0.0/24"],
+            Some(b),
+            t.clone(),
+        );
+        let mut pb = peer(
+            "to-a",
+            "b.sitewire",
+            "a.sitewire",
+            &["10.2.0.0/24"],
+            &["10.1.0.0/24"],
+            Some(a),
+            t.clone(),
+        );
+        pa.pq = false;
+        pb.pq = false;
+        (pa, pb)
+    });
+    sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(1));
+    assert!(!sim.sides[A].ep.ike_sa_pq(0));
+    assert_children_agree(&sim);
 }
 
 #[test]

@@ -45,6 +45,7 @@ const TUNNEL_KEYS: &[&str] = &[
     "remote_subnets",
     "persistent_keepalive",
     "rekey_interval",
+    "post_quantum",
     "dpd",
     "psk",
     "local_id",
@@ -474,6 +475,11 @@ impl Builder<'_> {
         let rekey_interval = self
             .duration(sec, "rekey_interval", nonzero)
             .map(|d| d.unwrap_or(DEFAULT_REKEY));
+        let post_quantum = match sec.boolean(&mut self.ctx, "post_quantum") {
+            Some(b) => Some(b),
+            None if sec.has("post_quantum") => None,
+            None => Some(true),
+        };
         let dpd = match sec.table(&mut self.ctx, "dpd") {
             Some(d) => self.dpd(&d),
             None if sec.has("dpd") => None,
@@ -538,6 +544,7 @@ impl Builder<'_> {
                 remote_subnets: unlocate(remote, remote_ok)?,
                 persistent_keepalive: persistent_keepalive?,
                 rekey_interval: rekey_interval?,
+                post_quantum: post_quantum?,
                 dpd: dpd?,
                 psk: psk?,
                 local_id: local_id?,

@@ -177,6 +177,18 @@ impl<'a, 'i> Section<'a, 'i> {
         }
     }
 
+    /// A boolean value (None: absent or not a boolean, the latter reported).
+    pub fn boolean(&self, ctx: &mut Ctx, key: &str) -> Option<bool> {
+        let value = self.get(key)?;
+        match value.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            _ => {
+                ctx.type_error(&self.child_path(key), value, "true or false");
+                None
+            }
+        }
+    }
+
     pub fn required_string(&self, ctx: &mut Ctx, key: &str) -> Option<Str<'a>> {
         if !self.has(key) {
             self.missing(ctx, key, "");

@@ -168,6 +168,8 @@ pub struct Tunnel {
     pub remote_subnets: Vec<IpNet>,
     pub persistent_keepalive: Option<Duration>,
     pub rekey_interval: Duration,
+    /// IKE keying: run the hybrid ML-KEM-768 exchange (RFC 9370); default true.
+    pub post_quantum: bool,
     pub dpd: Dpd,
     /// Optional for WireGuard, always `Some` for IPsec.
     pub psk: Option<KeyRef>,

@@ -251,7 +251,7 @@ fn wrong_types() {
                 mtu = 1.5\naddress = [1]\n"
         .to_string()
         + &wg_tunnel("a", "10.1.0.0/16")
-        + "endpoint = 7\ndpd = \"10s\"\n";
+        + "endpoint = 7\ndpd = \"10s\"\npost_quantum = \"yes\"\n";
     let errors = d.errors(&text);
     has_error(
         &errors,
@@ -284,7 +284,13 @@ fn wrong_types() {
         14,
         "expected a table, found a string",
     );
-    assert_eq!(errors.len(), 6, "{errors:#?}");
+    has_error(
+        &errors,
+        "tunnel[0].post_quantum",
+        15,
+        "expected true or false, found a string",
+    );
+    assert_eq!(errors.len(), 7, "{errors:#?}");
 
     let errors = d.errors(&("tunnel = 3\n".to_string() + &site()));
     one_error(&errors, "tunnel", 1, "array of tables");

@@ -42,6 +42,8 @@ pub struct WgTunnelSpec {
     pub ike: bool,
     /// IKE-keyed: how often the CHILD SA (and so the WireGuard PSK) is renewed.
     pub rekey_interval: Duration,
+    /// IKE-keyed: hybrid ML-KEM-768 key exchange when the IKE SA is made.
+    pub post_quantum: bool,
     /// Data-path probe: (source address, target, interval).
     pub probe: Option<ProbeSpec>,
     /// Probe silence for `dpd.timeout` is a dead-peer event handled by `dpd.action`.

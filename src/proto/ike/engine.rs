@@ -133,6 +133,8 @@ pub struct PeerConfig {
     pub child_aeads: Vec<AeadAlg>,
     /// Fresh X25519 in every CHILD SA rekey.
     pub child_pfs: bool,
+    /// Require the ML-KEM-768 additional key exchange (RFC 9370) when the IKE SA is made.
+    pub pq: bool,
     pub local_ts: Vec<TrafficSelector>,
     pub remote_ts: Vec<TrafficSelector>,
     pub child_kind: ChildKind,
@@ -287,6 +289,11 @@ enum SaState {
 #[derive(Debug, Clone)]
 enum RequestKind {
     Init,
+    /// RFC 9370 additional key exchange (ML-KEM-768) in IKE_INTERMEDIATE.
+    Intermediate {
+        dk: MlKemBox,
+        ek: Vec<u8>,
+    },
     Auth {
         spi_in: u32,
     },
@@ -306,6 +313,16 @@ enum RequestKind {
         id: ChildId,
     },
     DeleteIke,
+}
+
+/// An ML-KEM decapsulation key that can sit in a `Clone` enum.
+#[derive(Clone)]
+struct MlKemBox(std::sync::Arc<crypto::MlKemDecapsKey>);
+
+impl std::fmt::Debug for MlKemBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MlKemDecapsKey(<redacted>)")
+    }
 }
 
 /// An X25519 secret that can sit in a `Clone` enum.
@@ -354,6 +371,16 @@ struct IkeSa {
     iv: u64,
     created: Instant,
     last_rx: Instant,
+    /// The ML-KEM-768 additional key exchange was negotiated for this SA.
+    pq: bool,
+    /// RFC 9242 IntAuth: the initiator's value while our IKE_INTERMEDIATE is in flight,
+    /// then (initiator's, responder's) once it ran.
+    int_auth_i: Option<[u8; 32]>,
+    int_auth: Option<([u8; 32], [u8; 32])>,
+    /// Message ID of IKE_AUTH (part of the IntAuth octets).
+    auth_mid: u32,
+    /// Raw bytes and decrypted inner octets of the last IKE_INTERMEDIATE received.
+    rx_intermediate: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl IkeSa {
@@ -392,7 +419,27 @@ impl IkeSa {
             iv: 0,
             created: now,
             last_rx: now,
+            pq: false,
+            int_auth_i: None,
+            int_auth: None,
+            auth_mid: 1,
+            rx_intermediate: None,
         }
+    }
+
+    /// The IntAuth octets AUTH covers (None without IKE_INTERMEDIATE).
+    fn int_auth_octets(&self) -> Option<Vec<u8>> {
+        self.int_auth
+            .map(|(i, r)| crypto::int_auth(&i, &r, self.auth_mid))
+    }
+
+    /// RFC 9370 key update after the additional key exchange (same SPIs).
+    fn mix_additional(&mut self, shared: &[u8]) {
+        let Some(keys) = &self.keys else { return };
+        let skeyseed = crypto::skeyseed_additional(&keys.sk_d, shared, &self.ni, &self.nr);
+        self.keys = Some(crypto::derive_ike_keys(
+            &*skeyseed, &self.ni, &self.nr, self.spi_i, self.spi_r, self.aead,
+        ));
     }
 
     /// A request of this kind is in flight or queued.
@@ -500,7 +547,8 @@ pub struct Endpoint {
     local: SocketAddr,
 }
 
-fn ike_proposals(aeads: &[AeadAlg], spi: Option<u64>) -> Vec<Proposal> {
+/// IKE proposals; `pq` adds ML-KEM-768 as additional key exchange 1 (RFC 9370).
+fn ike_proposals(aeads: &[AeadAlg], spi: Option<u64>, pq: bool) -> Vec<Proposal> {
     aeads
         .iter()
         .enumerate()
@@ -508,7 +556,7 @@ fn ike_proposals(aeads: &[AeadAlg], spi: Option<u64>) -> Vec<Proposal> {
             num: (i + 1) as u8,
             protocol: ids::PROTO_IKE,
             spi: spi.map(|s| s.to_be_bytes().to_vec()).unwrap_or_default(),
-            transforms: vec![
+            transforms: [
                 a.to_transform(),
                 Transform {
                     ty: wire::transform_type::PRF,
@@ -520,7 +568,14 @@ fn ike_proposals(aeads: &[AeadAlg], spi: Option<u64>) -> Vec<Proposal> {
                     id: ids::DH_CURVE25519,
                     key_len: None,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(pq.then_some(Transform {
+                ty: wire::transform_type::ADDKE1,
+                id: ids::KE_ML_KEM_768,
+                key_len: None,
+            }))
+            .collect(),
         })
         .collect()
 }
@@ -553,11 +608,26 @@ fn child_proposals(aeads: &[AeadAlg], spi: u32, pfs: bool) -> Vec<Proposal> {
         .collect()
 }
 
-/// The AEAD of an IKE proposal we can accept (PRF SHA2-256, DH X25519, no INTEG).
-fn accept_ike_proposal(p: &Proposal, allowed: &[AeadAlg]) -> Option<AeadAlg> {
+/// The AEAD of an IKE proposal we can accept (PRF SHA2-256, DH X25519, no INTEG), and
+/// whether it runs the ML-KEM-768 additional key exchange (only if `pq_ok`; an ADDKE1
+/// that offers nothing else we support, and no NONE, rejects the proposal).
+fn accept_ike_proposal(p: &Proposal, allowed: &[AeadAlg], pq_ok: bool) -> Option<(AeadAlg, bool)> {
     if p.protocol != ids::PROTO_IKE {
         return None;
     }
+    let addke: Vec<u16> = p
+        .of_type(wire::transform_type::ADDKE1)
+        .map(|t| t.id)
+        .collect();
+    let pq = if addke.is_empty() {
+        false
+    } else if pq_ok && addke.contains(&ids::KE_ML_KEM_768) {
+        true
+    } else if addke.contains(&0) {
+        false
+    } else {
+        return None;
+    };
     let mut aead = None;
     let (mut prf_ok, mut dh_ok) = (false, false);
     for t in &p.transforms {
@@ -571,7 +641,7 @@ fn accept_ike_proposal(p: &Proposal, allowed: &[AeadAlg]) -> Option<AeadAlg> {
         }
     }
     if prf_ok && dh_ok {
-        aead
+        aead.map(|a| (a, pq))
     } else {
         None
     }
@@ -759,6 +829,14 @@ impl Endpoint {
     }
 
     /// SPIs and age of the tunnel's current IKE SA.
+    /// Whether the tunnel's current IKE SA ran the post-quantum key exchange.
+    pub fn ike_sa_pq(&self, peer: PeerId) -> bool {
+        self.peers[peer]
+            .current
+            .and_then(|s| self.sas.get(&s))
+            .is_some_and(|sa| sa.pq)
+    }
+
     pub fn ike_sa_info(&self, peer: PeerId) -> Option<(u64, u64, AeadAlg, bool)> {
         let sa = self.sas.get(&self.peers[peer].current?)?;
         Some((sa.spi_i, sa.spi_r, sa.aead, sa.initiator))
@@ -891,7 +969,7 @@ impl Endpoint {
                 data: c.clone(),
             }));
         }
-        payloads.push(Payload::Sa(ike_proposals(&cfg.ike_aeads, None)));
+        payloads.push(Payload::Sa(ike_proposals(&cfg.ike_aeads, None, cfg.pq)));
         payloads.push(Payload::Ke {
             group: ids::DH_CURVE25519,
             data: dh.0.public().to_vec(),
@@ -1096,8 +1174,23 @@ impl Endpoint {
         let cfg = self.peers[peer].cfg.clone();
         let (exchange, inner): (ExchangeType, Vec<Payload>) = match kind {
             RequestKind::Init => return None,
+            RequestKind::Intermediate { ek, .. } => {
+                let inner = [Payload::Ke {
+                    group: ids::KE_ML_KEM_768,
+                    data: ek.clone(),
+                }];
+                let bytes = sa.seal(ExchangeType::IkeIntermediate, id, false, &inner);
+                // IntAuth_i1 = prf(SK_pi, our message as RFC 9242 adjusts it), keys of now.
+                let inner_bytes = wire::encode_payloads(&inner).1;
+                let octets = crypto::int_auth_octets(&bytes, &inner_bytes).ok()?;
+                let sk_pi = &sa.keys.as_ref()?.sk_pi;
+                sa.int_auth_i = Some(crypto::int_auth_step(sk_pi, None, &octets));
+                return Some(bytes);
+            }
             RequestKind::Auth { spi_in } => {
                 let spi_in = *spi_in;
+                sa.auth_mid = id;
+                let int_auth = sa.int_auth_octets();
                 let keys = sa.keys.as_ref()?;
                 let idi = cfg.local_id.clone();
                 let auth = crypto::psk_auth(
@@ -1106,7 +1199,7 @@ impl Endpoint {
                     &sa.nr,
                     &keys.sk_pi,
                     &idi.body(),
-                    None,
+                    int_auth.as_deref(),
                 );
                 let mut inner = vec![Payload::IdI(idi)];
                 if self.peers[peer].first_contact {
@@ -1159,7 +1252,7 @@ impl Endpoint {
             RequestKind::RekeyIke { new_spi_i, ni, ke } => (
                 ExchangeType::CreateChildSa,
                 vec![
-                    Payload::Sa(ike_proposals(&[sa.aead], Some(*new_spi_i))),
+                    Payload::Sa(ike_proposals(&[sa.aead], Some(*new_spi_i), false)),
                     Payload::Nonce(ni.clone()),
                     Payload::Ke {
                         group: ids::DH_CURVE25519,
@@ -1447,11 +1540,12 @@ impl Endpoint {
             .iter()
             .flat_map(|p| p.cfg.ike_aeads.iter().copied())
             .collect();
+        let pq_ok = self.peers.iter().any(|p| p.cfg.pq);
         let chosen = sa_of(&msg.payloads).and_then(|ps| {
             ps.iter()
-                .find_map(|p| accept_ike_proposal(p, &allowed).map(|a| (p.num, a)))
+                .find_map(|p| accept_ike_proposal(p, &allowed, pq_ok).map(|(a, pq)| (p.num, a, pq)))
         });
-        let Some((num, aead)) = chosen else {
+        let Some((num, aead, pq)) = chosen else {
             answer_error(self, notify::NO_PROPOSAL_CHOSEN, Vec::new());
             self.event(Event::Failed {
                 peer: None,
@@ -1485,7 +1579,7 @@ impl Endpoint {
         let nr = rand_bytes::<NONCE_LEN>(rng).to_vec();
         let skeyseed = crypto::skeyseed(ni, &nr, &*shared);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, &nr, header.spi_i, spi_r, aead);
-        let mut chosen_proposal = ike_proposals(&[aead], None);
+        let mut chosen_proposal = ike_proposals(&[aead], None, pq);
         chosen_proposal[0].num = num;
         let mut payloads = vec![
             Payload::Sa(chosen_proposal),
@@ -1517,6 +1611,7 @@ impl Endpoint {
                 init_req: data.to_vec(),
                 init_resp: resp,
                 peer_next_id: 1,
+                pq,
                 ..IkeSa::blank(
                     None,
                     false,
@@ -1580,10 +1675,19 @@ impl Endpoint {
             });
             return false;
         }
+        let cfg_pq = self.peers[peer].cfg.pq;
         let chosen = sa_of(&msg.payloads)
             .filter(|ps| ps.len() == 1)
-            .and_then(|ps| accept_ike_proposal(&ps[0], &self.peers[peer].cfg.ike_aeads));
-        let (Some(aead), Some((ids::DH_CURVE25519, ke)), Some(nr)) =
+            .and_then(|ps| accept_ike_proposal(&ps[0], &self.peers[peer].cfg.ike_aeads, cfg_pq));
+        if chosen.is_some_and(|(_, pq)| cfg_pq && !pq) {
+            // We only offered ML-KEM as mandatory: a responder dropping it is a downgrade.
+            self.event(Event::Failed {
+                peer: Some(peer),
+                failure: Failure::Protocol("responder refused the post-quantum key exchange"),
+            });
+            return false;
+        }
+        let (Some((aead, pq)), Some((ids::DH_CURVE25519, ke)), Some(nr)) =
             (chosen, ke_of(&msg.payloads), nonce_of(&msg.payloads))
         else {
             self.event(Event::Failed {
@@ -1620,8 +1724,17 @@ impl Endpoint {
         sa.pending = None;
         sa.next_id = 1;
         sa.state = SaState::AuthSent;
+        sa.pq = pq;
         let spi_in = self.fresh_spi(rng);
         sa.queue.push_front(RequestKind::Auth { spi_in });
+        if pq {
+            // RFC 9370: the ML-KEM exchange runs in IKE_INTERMEDIATE before IKE_AUTH.
+            let (dk, ek) = crypto::mlkem_keygen(&rand_bytes::<64>(rng));
+            sa.queue.push_front(RequestKind::Intermediate {
+                dk: MlKemBox(std::sync::Arc::new(dk)),
+                ek,
+            });
+        }
         self.pump(sa, now);
         true
     }
@@ -1687,8 +1800,13 @@ impl Endpoint {
                 return true;
             }
         }
-        let (_, inner) = match crypto::open_message(sa.aead, sa.recv_key(), data) {
-            Ok(x) => x,
+        let inner = match crypto::open_message_detailed(sa.aead, sa.recv_key(), data) {
+            Ok(o) => {
+                if header.exchange == ExchangeType::IkeIntermediate {
+                    sa.rx_intermediate = Some((data.to_vec(), o.inner_bytes));
+                }
+                o.payloads
+            }
             Err(_) => {
                 // Possibly forged: drop silently, timers keep running.
                 self.event(Event::Dropped {
@@ -1763,6 +1881,9 @@ impl Endpoint {
         let Some(peer) = sa.peer else { return true };
         match kind {
             RequestKind::Init => true,
+            RequestKind::Intermediate { dk, .. } => {
+                self.intermediate_response(sa, peer, &dk, inner)
+            }
             RequestKind::Auth { spi_in } => self.auth_response(sa, peer, spi_in, inner, now),
             RequestKind::RekeyChild {
                 old,
@@ -1826,6 +1947,7 @@ impl Endpoint {
             });
             return false;
         };
+        let int_auth = sa.int_auth_octets();
         let keys = sa.keys.as_ref().expect("keys exist");
         let expected = crypto::psk_auth(
             &cfg.psk,
@@ -1833,7 +1955,7 @@ impl Endpoint {
             &sa.ni,
             &keys.sk_pr,
             &idr.body(),
-            None,
+            int_auth.as_deref(),
         );
         if *idr != cfg.remote_id || !constant_time_eq(&expected, auth) {
             self.event(Event::Failed {
@@ -2222,8 +2344,8 @@ impl Endpoint {
             return true;
         }
         let prop = sa_of(inner).filter(|ps| ps.len() == 1).map(|ps| &ps[0]);
-        let Some(prop) =
-            prop.filter(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead]).is_some())
+        let Some(prop) = prop
+            .filter(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead], false).is_some())
         else {
             self.event(Event::Failed {
                 peer: Some(peer),
@@ -2249,6 +2371,8 @@ impl Endpoint {
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
             keys: Some(keys),
+            // Keys descend from the old SK_d: a post-quantum SA stays one.
+            pq: sa.pq,
             ni: ni.to_vec(),
             nr: nr.to_vec(),
             ..IkeSa::blank(
@@ -2283,7 +2407,14 @@ impl Endpoint {
         rng: &mut dyn Rng,
     ) -> bool {
         match header.exchange {
-            ExchangeType::IkeAuth if sa.state == SaState::AwaitAuth && header.message_id == 1 => {
+            ExchangeType::IkeIntermediate
+                if sa.state == SaState::AwaitAuth && sa.pq && sa.int_auth.is_none() =>
+            {
+                self.intermediate_request(sa, header, from, inner, rng)
+            }
+            ExchangeType::IkeAuth
+                if sa.state == SaState::AwaitAuth && (!sa.pq || sa.int_auth.is_some()) =>
+            {
                 self.auth_request(sa, header, from, inner, now, rng)
             }
             ExchangeType::CreateChildSa if sa.state == SaState::Established => {
@@ -2302,6 +2433,95 @@ impl Endpoint {
                 true
             }
         }
+    }
+
+    /// Responder side of the RFC 9370 additional key exchange: encapsulate to the
+    /// initiator's ML-KEM key, answer, record both IntAuth values, then update the keys.
+    fn intermediate_request(
+        &mut self,
+        sa: &mut IkeSa,
+        header: Header,
+        from: SocketAddr,
+        inner: &[Payload],
+        rng: &mut dyn Rng,
+    ) -> bool {
+        let Some((raw, inner_bytes)) = sa.rx_intermediate.take() else {
+            return true;
+        };
+        let ek = ke_of(inner).filter(|(g, _)| *g == ids::KE_ML_KEM_768);
+        let encapsulated = ek.and_then(|(_, ek)| crypto::mlkem_encaps(ek, &rand_bytes::<32>(rng)));
+        let Some((ct, shared)) = encapsulated else {
+            self.respond(
+                sa,
+                header,
+                from,
+                &[Payload::Notify(Notify {
+                    protocol: 0,
+                    spi: vec![],
+                    ty: notify::INVALID_KE_PAYLOAD,
+                    data: ids::KE_ML_KEM_768.to_be_bytes().to_vec(),
+                })],
+            );
+            return false;
+        };
+        let Some(keys) = sa.keys.as_ref() else {
+            return false;
+        };
+        let Ok(octets_i) = crypto::int_auth_octets(&raw, &inner_bytes) else {
+            return false;
+        };
+        let int_i = crypto::int_auth_step(&keys.sk_pi, None, &octets_i);
+        let out = [Payload::Ke {
+            group: ids::KE_ML_KEM_768,
+            data: ct,
+        }];
+        self.respond(sa, header, from, &out);
+        let sent = sa
+            .last_response
+            .as_ref()
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default();
+        let Ok(octets_r) = crypto::int_auth_octets(&sent, &wire::encode_payloads(&out).1) else {
+            return false;
+        };
+        let Some(keys) = sa.keys.as_ref() else {
+            return false;
+        };
+        let int_r = crypto::int_auth_step(&keys.sk_pr, None, &octets_r);
+        sa.int_auth = Some((int_i, int_r));
+        sa.mix_additional(&shared[..]);
+        true
+    }
+
+    /// Initiator side: decapsulate, record IntAuth_r, update the keys; IKE_AUTH follows.
+    fn intermediate_response(
+        &mut self,
+        sa: &mut IkeSa,
+        peer: PeerId,
+        dk: &MlKemBox,
+        inner: &[Payload],
+    ) -> bool {
+        let ct = ke_of(inner).filter(|(g, _)| *g == ids::KE_ML_KEM_768);
+        let shared = ct.and_then(|(_, ct)| dk.0.decaps(ct));
+        let (Some(shared), Some((raw, inner_bytes)), Some(int_i)) =
+            (shared, sa.rx_intermediate.take(), sa.int_auth_i)
+        else {
+            self.event(Event::Failed {
+                peer: Some(peer),
+                failure: Failure::Protocol("bad IKE_INTERMEDIATE response (ML-KEM)"),
+            });
+            return false;
+        };
+        let Ok(octets_r) = crypto::int_auth_octets(&raw, &inner_bytes) else {
+            return false;
+        };
+        let Some(keys) = sa.keys.as_ref() else {
+            return false;
+        };
+        let int_r = crypto::int_auth_step(&keys.sk_pr, None, &octets_r);
+        sa.int_auth = Some((int_i, int_r));
+        sa.mix_additional(&shared[..]);
+        true
     }
 
     fn auth_request(
@@ -2337,6 +2557,8 @@ impl Endpoint {
         let peer = self.peers.iter().position(|p| {
             p.cfg.remote_id == idi && idr.as_ref().is_none_or(|r| *r == p.cfg.local_id)
         });
+        sa.auth_mid = header.message_id;
+        let int_auth = sa.int_auth_octets();
         let keys = sa.keys.as_ref().expect("keys");
         let verified = peer.filter(|&p| {
             let expected = crypto::psk_auth(
@@ -2345,7 +2567,7 @@ impl Endpoint {
                 &sa.nr,
                 &keys.sk_pi,
                 &idi.body(),
-                None,
+                int_auth.as_deref(),
             );
             constant_time_eq(&expected, &auth)
         });
@@ -2359,6 +2581,15 @@ impl Endpoint {
         };
         let cfg = self.peers[peer].cfg.clone();
         sa.peer = Some(peer);
+        if cfg.pq && !sa.pq {
+            // This tunnel requires the post-quantum exchange; the initiator skipped it.
+            self.respond(sa, header, from, &[status(notify::NO_PROPOSAL_CHOSEN)]);
+            self.event(Event::Failed {
+                peer: Some(peer),
+                failure: Failure::Protocol("peer did not negotiate the post-quantum key exchange"),
+            });
+            return false;
+        }
         if notify_of(inner, notify::INITIAL_CONTACT).is_some() {
             // The peer restarted: the SAs we had established with it are stale (§2.4).
             // Our own negotiations in progress are not: both sides may have started at once.
@@ -2398,7 +2629,7 @@ impl Endpoint {
             &sa.ni,
             &keys.sk_pr,
             &cfg.local_id.body(),
-            None,
+            int_auth.as_deref(),
         );
         let mut out = vec![
             Payload::IdR(cfg.local_id.clone()),
@@ -2651,7 +2882,7 @@ impl Endpoint {
         }
         let chosen = props
             .iter()
-            .find(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead]).is_some());
+            .find(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead], false).is_some());
         let Some(prop) = chosen else {
             self.respond(sa, header, from, &[status(notify::NO_PROPOSAL_CHOSEN)]);
             return;
@@ -2683,7 +2914,7 @@ impl Endpoint {
             }
         };
         let nr = rand_bytes::<NONCE_LEN>(rng).to_vec();
-        let mut answer = ike_proposals(&[sa.aead], Some(new_spi_r));
+        let mut answer = ike_proposals(&[sa.aead], Some(new_spi_r), false);
         answer[0].num = prop.num;
         self.respond(
             sa,
@@ -2703,6 +2934,8 @@ impl Endpoint {
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, &nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
             keys: Some(keys),
+            // Keys descend from the old SK_d: a post-quantum SA stays one.
+            pq: sa.pq,
             ni: ni.to_vec(),
             nr,
             ..IkeSa::blank(
