@@ -592,6 +592,45 @@ fn restart_with_initial_contact_replaces_old_sas() {
 }
 
 #[test]
+fn simultaneous_ike_rekey_converges() {
+    for seed in 50..60 {
+        let mut sim = Sim::new(
+            seed,
+            Link::clean(),
+            Timers {
+                child_rekey: Duration::from_secs(600),
+                ..fast_timers()
+            },
+        );
+        sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+        sim.run_until(Duration::from_secs(1));
+        let before = sim.sides[A].ep.ike_sa_info(0).map(|i| (i.0, i.1));
+        let now = sim.now;
+        sim.sides[A].ep.rekey_ike(0, now, &mut sim.rng);
+        sim.sides[B].ep.rekey_ike(0, now, &mut sim.rng);
+        sim.run_until(Duration::from_secs(10));
+        let a = sim.sides[A].ep.ike_sa_info(0).map(|i| (i.0, i.1));
+        assert_ne!(a, before, "seed {seed}: no rekey happened");
+        assert_eq!(
+            a,
+            sim.sides[B].ep.ike_sa_info(0).map(|i| (i.0, i.1)),
+            "seed {seed}"
+        );
+        assert_children_agree(&sim);
+        // The surviving SA carries on: a CHILD rekey over it works.
+        sim.sides[B].ep.rekey_child(0, sim.now, &mut sim.rng);
+        sim.run_until(Duration::from_secs(12));
+        assert_children_agree(&sim);
+        assert!(
+            sim.events(A)
+                .chain(sim.events(B))
+                .all(|e| !matches!(e, Event::PeerDead { .. })),
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
 fn simultaneous_initiation_converges() {
     for seed in 30..40 {
         let mut sim = Sim::new(
