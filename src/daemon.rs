@@ -24,14 +24,18 @@ const RERESOLVE_EVERY: Duration = Duration::from_secs(300);
 pub(crate) fn load_private(r: &KeyRef, what: &str) -> Result<PrivateKey> {
     match r {
         KeyRef::File(p) => PrivateKey::load(p).with_context(|| what.to_string()),
-        KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
+        KeyRef::Vault(p) => Ok(PrivateKey::from_bytes(
+            *crate::vault::resolved_key(p, "private_key").with_context(|| what.to_string())?,
+        )),
     }
 }
 
 fn load_psk(r: &KeyRef, what: &str) -> Result<Psk> {
     match r {
         KeyRef::File(p) => Psk::load(p).with_context(|| what.to_string()),
-        KeyRef::Vault(p) => bail!("{what}: vault:{p}: Vault key references are not supported yet"),
+        KeyRef::Vault(p) => Ok(Psk::from_bytes(
+            *crate::vault::resolved_key(p, "psk").with_context(|| what.to_string())?,
+        )),
     }
 }
 
@@ -49,9 +53,9 @@ pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
             }
             let peer = match &t.peer_public_key {
                 Some(PeerKey::Inline(k)) => PublicKey(*k),
-                Some(PeerKey::Vault(p)) => bail!(
-                    "tunnel {:?}: peer_public_key vault:{p}: Vault key references are not supported yet",
-                    t.name
+                Some(PeerKey::Vault(p)) => PublicKey(
+                    *crate::vault::resolved_key(p, "public_key")
+                        .with_context(|| format!("tunnel {:?}: peer_public_key", t.name))?,
                 ),
                 None => bail!("tunnel {:?}: peer_public_key is required", t.name),
             };
@@ -148,6 +152,7 @@ fn disable_ipv6(interface: &str) {
 
 pub async fn up(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow!("{}:\n{e}", config_path.display()))?;
+    crate::vault::resolve(&cfg).await?;
     let private = load_private(&cfg.site.private_key, "site.private_key")?;
     let specs = tunnel_specs(&cfg)?;
     let started = SystemTime::now();

@@ -18,3 +18,4 @@ pub mod proto;
 pub mod reload;
 pub mod sdnotify;
 pub mod status;
+pub mod vault;

@@ -513,6 +513,7 @@ impl Collector for SiteCollector {
 pub struct DataplaneSource {
     dp: Arc<Dataplane>,
     site_key: Option<PathBuf>,
+    vault: bool,
 }
 
 impl DataplaneSource {
@@ -521,7 +522,11 @@ impl DataplaneSource {
             KeyRef::File(p) => Some(p.clone()),
             KeyRef::Vault(_) => None,
         };
-        Self { dp, site_key }
+        Self {
+            dp,
+            site_key,
+            vault: crate::vault::used(cfg),
+        }
     }
 }
 
@@ -556,7 +561,7 @@ impl SnapshotSource for DataplaneSource {
                 .map(|r| (r.as_str(), self.dp.drops.get(*r)))
                 .collect(),
             keys,
-            vault: None,
+            vault: self.vault.then(|| crate::vault::stats().snapshot()),
         }
     }
 }

@@ -12,10 +12,19 @@ use super::doc::{Ctx, Section, Str, StrList};
 use super::values::{self, quote, ProposalKind};
 use super::{
     Config, ConfigError, ConfigErrors, Dpd, DpdAction, Endpoint, IpNet, KeyRef, Keying, Metrics,
-    PeerKey, Probe, Protocol, Site, StartAction, Tunnel,
+    PeerKey, Probe, Protocol, Site, StartAction, Tunnel, Vault,
 };
 
-const ROOT_KEYS: &[&str] = &["site", "metrics", "tunnel"];
+const ROOT_KEYS: &[&str] = &["site", "metrics", "vault", "tunnel"];
+const VAULT_KEYS: &[&str] = &[
+    "address",
+    "ca_cert",
+    "mount",
+    "prefix",
+    "token_file",
+    "role_id_file",
+    "secret_id_file",
+];
 const SITE_KEYS: &[&str] = &[
     "name",
     "interface",
@@ -127,6 +136,7 @@ pub(super) fn build(text: &str, base_dir: &Path, path: PathBuf) -> Result<Config
         None => (None, Vec::new()),
     };
     let metrics = root.table(&mut b.ctx, "metrics").map(|m| b.metrics(&m));
+    let vault = root.table(&mut b.ctx, "vault").map(|v| b.vault(&v));
     let mut tunnels = Vec::new();
     let mut infos = Vec::new();
     for (i, section) in root.tables(&mut b.ctx, "tunnel").iter().enumerate() {
@@ -147,6 +157,7 @@ pub(super) fn build(text: &str, base_dir: &Path, path: PathBuf) -> Result<Config
         path,
         site: site.ok_or_else(incomplete)?,
         metrics: metrics.map(|m| m.ok_or_else(incomplete)).transpose()?,
+        vault: vault.map(|v| v.ok_or_else(incomplete)).transpose()?,
         tunnels: tunnels
             .into_iter()
             .map(|t| t.ok_or_else(incomplete))
@@ -385,6 +396,106 @@ impl Builder<'_> {
             })
         })?;
         Some(Metrics { listen })
+    }
+
+    fn vault(&mut self, sec: &Section<'_, '_>) -> Option<Vault> {
+        sec.check_unknown(&mut self.ctx, VAULT_KEYS);
+        let mut ok = true;
+        let address = match sec.string(&mut self.ctx, "address") {
+            Some(s) => {
+                let a = self.parse(&s, |text| {
+                    if text.starts_with("http://") || text.starts_with("https://") {
+                        Ok(text.trim_end_matches('/').to_string())
+                    } else {
+                        Err(format!(
+                            "invalid address {}: expected an http:// or https:// URL",
+                            quote(text)
+                        ))
+                    }
+                });
+                ok &= a.is_some();
+                a
+            }
+            None => {
+                ok &= !sec.has("address");
+                None
+            }
+        };
+        let word = |b: &mut Self, key: &str, default: &str| -> Option<String> {
+            match sec.string(&mut b.ctx, key) {
+                Some(s) => b.parse(&s, |text| {
+                    let t = text.trim_matches('/');
+                    if t.is_empty() || t.contains(char::is_whitespace) || t.contains("//") {
+                        Err(format!("invalid {key} {}: expected a KV path", quote(text)))
+                    } else {
+                        Ok(t.to_string())
+                    }
+                }),
+                None if sec.has(key) => None,
+                None => Some(default.to_string()),
+            }
+        };
+        let mount = word(self, "mount", "secret");
+        let prefix = word(self, "prefix", "sitewire");
+        let base_dir = self.base_dir;
+        let file = |b: &mut Self, key: &str| -> Option<Option<PathBuf>> {
+            match sec.string(&mut b.ctx, key) {
+                Some(s) => b
+                    .parse(&s, |text| {
+                        if text.trim().is_empty() {
+                            return Err(format!("empty {key}: expected a file path"));
+                        }
+                        let joined = base_dir.join(text);
+                        let path = std::path::absolute(&joined).unwrap_or(joined);
+                        if !path.is_file() {
+                            return Err(format!("{key} {}: no such file", path.display()));
+                        }
+                        Ok(path)
+                    })
+                    .map(Some),
+                None if sec.has(key) => None,
+                None => Some(None),
+            }
+        };
+        let ca_cert = file(self, "ca_cert");
+        let token_file = file(self, "token_file");
+        let role_id_file = file(self, "role_id_file");
+        let secret_id_file = file(self, "secret_id_file");
+        if let (Some(r), Some(s)) = (&role_id_file, &secret_id_file) {
+            if r.is_some() != s.is_some() {
+                let key = if r.is_some() {
+                    "secret_id_file"
+                } else {
+                    "role_id_file"
+                };
+                sec.missing(
+                    &mut self.ctx,
+                    key,
+                    " (AppRole needs role_id_file and secret_id_file)",
+                );
+                ok = false;
+            }
+            if let (Some(Some(_)), true) = (&token_file, r.is_some()) {
+                self.ctx.error(
+                    &sec.child_path("token_file"),
+                    sec.key_span("token_file").unwrap_or(sec.span.clone()),
+                    "give either token_file or role_id_file/secret_id_file, not both",
+                );
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Vault {
+            address,
+            ca_cert: ca_cert?,
+            mount: mount?,
+            prefix: prefix?,
+            token_file: token_file?,
+            role_id_file: role_id_file?,
+            secret_id_file: secret_id_file?,
+        })
     }
 
     fn tunnel(&mut self, sec: &Section<'_, '_>, index: usize) -> (Option<Tunnel>, TunnelInfo) {

@@ -27,7 +27,22 @@ pub struct Config {
     pub path: PathBuf,
     pub site: Site,
     pub metrics: Option<Metrics>,
+    pub vault: Option<Vault>,
     pub tunnels: Vec<Tunnel>,
+}
+
+/// `[vault]`: where `vault:<path>` key references are read from (KV v2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vault {
+    /// `None`: `$VAULT_ADDR` at run time.
+    pub address: Option<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub mount: String,
+    pub prefix: String,
+    /// `None` (and no AppRole): `$VAULT_TOKEN` at run time.
+    pub token_file: Option<PathBuf>,
+    pub role_id_file: Option<PathBuf>,
+    pub secret_id_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

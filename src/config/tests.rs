@@ -916,3 +916,49 @@ fn probe_source_defaults() {
     assert_eq!(src(0), "10.9.0.1");
     assert_eq!(src(1), "10.5.0.1");
 }
+
+#[test]
+fn vault_section_defaults_and_files() {
+    let d = Dir::new();
+    d.key("keys/vault.token", "not-a-real-token\n", 0o600);
+    let text = format!(
+        "{}\n[vault]\naddress = \"https://vault.example:8200/\"\ntoken_file = \"keys/vault.token\"\n",
+        site()
+    );
+    let cfg = d.parse(&text).unwrap();
+    let v = cfg.vault.unwrap();
+    assert_eq!(v.address.as_deref(), Some("https://vault.example:8200"));
+    assert_eq!(v.mount, "secret");
+    assert_eq!(v.prefix, "sitewire");
+    assert_eq!(v.token_file, Some(d.0.join("keys/vault.token")));
+    assert_eq!(v.role_id_file, None);
+    // No [vault]: none (VAULT_ADDR / VAULT_TOKEN are read at run time).
+    assert_eq!(d.parse(&site()).unwrap().vault, None);
+}
+
+#[test]
+fn vault_section_errors_have_path_and_line() {
+    let d = Dir::new();
+    d.key("keys/role", "r\n", 0o600);
+    let text = format!(
+        "{}\n[vault]\naddress = \"vault:8200\"\nmount = \"\"\ntoken_fiel = \"x\"\nrole_id_file = \"keys/role\"\nca_cert = \"missing.pem\"\n",
+        site()
+    );
+    let errs = d.errors(&text);
+    let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let has = |path: &str, what: &str| {
+        assert!(
+            errs.iter()
+                .any(|e| e.path == path && e.line.is_some() && e.message.contains(what)),
+            "no {path}: {what} in {shown:#?}"
+        )
+    };
+    has("vault.address", "expected an http:// or https:// URL");
+    has("vault.mount", "invalid mount");
+    has("vault.token_fiel", "");
+    has("vault.ca_cert", "no such file");
+    has(
+        "vault.secret_id_file",
+        "AppRole needs role_id_file and secret_id_file",
+    );
+}
