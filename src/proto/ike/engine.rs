@@ -760,6 +760,16 @@ fn nat_notifies(spi_i: u64, spi_r: u64, local: SocketAddr, remote: SocketAddr) -
     ]
 }
 
+/// INVALID_KE_PAYLOAD naming the group we want (§1.2).
+fn invalid_ke(group: u16) -> Payload {
+    Payload::Notify(Notify {
+        protocol: 0,
+        spi: vec![],
+        ty: notify::INVALID_KE_PAYLOAD,
+        data: group.to_be_bytes().to_vec(),
+    })
+}
+
 fn status(ty: u16) -> Payload {
     Payload::Notify(Notify {
         protocol: 0,
@@ -927,12 +937,7 @@ impl Endpoint {
         let Some(remote) = self.peers[peer].cfg.remote_addr else {
             return;
         };
-        let spi_i = loop {
-            let s = rand_nonzero_u64(rng);
-            if !self.sas.contains_key(&s) {
-                break s;
-            }
-        };
+        let spi_i = self.fresh_ike_spi(rng);
         let ni = rand_bytes::<NONCE_LEN>(rng).to_vec();
         let dh = X25519Secret::from_bytes(rand_bytes::<32>(rng));
         let aead = self.peers[peer].cfg.ike_aeads[0];
@@ -1109,12 +1114,7 @@ impl Endpoint {
         if self.sas[&spi].has_request(|k| matches!(k, RequestKind::RekeyIke { .. })) {
             return;
         }
-        let new_spi_i = loop {
-            let s = rand_nonzero_u64(rng);
-            if !self.sas.contains_key(&s) {
-                break s;
-            }
-        };
+        let new_spi_i = self.fresh_ike_spi(rng);
         let kind = RequestKind::RekeyIke {
             new_spi_i,
             ni: rand_bytes::<NONCE_LEN>(rng).to_vec(),
@@ -1285,6 +1285,16 @@ impl Endpoint {
             ),
         };
         Some(sa.seal(exchange, id, false, &inner))
+    }
+
+    /// A fresh IKE SPI of ours, unique on this endpoint.
+    fn fresh_ike_spi(&self, rng: &mut dyn Rng) -> u64 {
+        loop {
+            let s = rand_nonzero_u64(rng);
+            if !self.sas.contains_key(&s) {
+                return s;
+            }
+        }
     }
 
     /// A fresh inbound CHILD SPI, unique on this endpoint.
@@ -1570,12 +1580,7 @@ impl Endpoint {
             answer_error(self, notify::INVALID_SYNTAX, Vec::new());
             return;
         };
-        let spi_r = loop {
-            let s = rand_nonzero_u64(rng);
-            if !self.sas.contains_key(&s) {
-                break s;
-            }
-        };
+        let spi_r = self.fresh_ike_spi(rng);
         let nr = rand_bytes::<NONCE_LEN>(rng).to_vec();
         let skeyseed = crypto::skeyseed(ni, &nr, &*shared);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, &nr, header.spi_i, spi_r, aead);
@@ -2451,17 +2456,7 @@ impl Endpoint {
         let ek = ke_of(inner).filter(|(g, _)| *g == ids::KE_ML_KEM_768);
         let encapsulated = ek.and_then(|(_, ek)| crypto::mlkem_encaps(ek, &rand_bytes::<32>(rng)));
         let Some((ct, shared)) = encapsulated else {
-            self.respond(
-                sa,
-                header,
-                from,
-                &[Payload::Notify(Notify {
-                    protocol: 0,
-                    spi: vec![],
-                    ty: notify::INVALID_KE_PAYLOAD,
-                    data: ids::KE_ML_KEM_768.to_be_bytes().to_vec(),
-                })],
-            );
+            self.respond(sa, header, from, &[invalid_ke(ids::KE_ML_KEM_768)]);
             return false;
         };
         let Some(keys) = sa.keys.as_ref() else {
@@ -2787,17 +2782,7 @@ impl Endpoint {
                 return;
             };
             if group != ids::DH_CURVE25519 {
-                self.respond(
-                    sa,
-                    header,
-                    from,
-                    &[Payload::Notify(Notify {
-                        protocol: 0,
-                        spi: vec![],
-                        ty: notify::INVALID_KE_PAYLOAD,
-                        data: ids::DH_CURVE25519.to_be_bytes().to_vec(),
-                    })],
-                );
+                self.respond(sa, header, from, &[invalid_ke(ids::DH_CURVE25519)]);
                 return;
             }
             let dh = X25519Secret::from_bytes(rand_bytes::<32>(rng));
@@ -2889,17 +2874,7 @@ impl Endpoint {
         };
         let new_spi_i = u64::from_be_bytes(prop.spi[..8].try_into().expect("length checked"));
         let Some((ids::DH_CURVE25519, theirs)) = ke_of(inner) else {
-            self.respond(
-                sa,
-                header,
-                from,
-                &[Payload::Notify(Notify {
-                    protocol: 0,
-                    spi: vec![],
-                    ty: notify::INVALID_KE_PAYLOAD,
-                    data: ids::DH_CURVE25519.to_be_bytes().to_vec(),
-                })],
-            );
+            self.respond(sa, header, from, &[invalid_ke(ids::DH_CURVE25519)]);
             return;
         };
         let dh = X25519Secret::from_bytes(rand_bytes::<32>(rng));
@@ -2907,12 +2882,7 @@ impl Endpoint {
             self.respond(sa, header, from, &[status(notify::INVALID_SYNTAX)]);
             return;
         };
-        let new_spi_r = loop {
-            let s = rand_nonzero_u64(rng);
-            if !self.sas.contains_key(&s) {
-                break s;
-            }
-        };
+        let new_spi_r = self.fresh_ike_spi(rng);
         let nr = rand_bytes::<NONCE_LEN>(rng).to_vec();
         let mut answer = ike_proposals(&[sa.aead], Some(new_spi_r), false);
         answer[0].num = prop.num;
