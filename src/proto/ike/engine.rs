@@ -433,6 +433,37 @@ impl IkeSa {
             .map(|(i, r)| crypto::int_auth(&i, &r, self.auth_mid))
     }
 
+    /// One IntAuth link (RFC 9242) for an IKE_INTERMEDIATE message, `raw` as sent or
+    /// received and `inner` its plaintext payloads, keyed with SK_pi (sent by the original
+    /// initiator) or SK_pr, of the keys that protected it.
+    fn int_auth_link(&self, by_initiator: bool, raw: &[u8], inner: &[u8]) -> Option<[u8; 32]> {
+        let keys = self.keys.as_ref()?;
+        let sk_p = if by_initiator {
+            &keys.sk_pi
+        } else {
+            &keys.sk_pr
+        };
+        let octets = crypto::int_auth_octets(raw, inner).ok()?;
+        Some(crypto::int_auth_step(sk_p, None, &octets))
+    }
+
+    /// End of IKE_INTERMEDIATE: record IntAuth with the responder's message, then update
+    /// the keys with the ML-KEM secret.
+    fn finish_intermediate(
+        &mut self,
+        int_i: [u8; 32],
+        raw_r: &[u8],
+        inner_r: &[u8],
+        shared: &[u8],
+    ) -> bool {
+        let Some(int_r) = self.int_auth_link(false, raw_r, inner_r) else {
+            return false;
+        };
+        self.int_auth = Some((int_i, int_r));
+        self.mix_additional(shared);
+        true
+    }
+
     /// RFC 9370 key update after the additional key exchange (same SPIs).
     fn mix_additional(&mut self, shared: &[u8]) {
         let Some(keys) = &self.keys else { return };
@@ -1181,10 +1212,8 @@ impl Endpoint {
                 }];
                 let bytes = sa.seal(ExchangeType::IkeIntermediate, id, false, &inner);
                 // IntAuth_i1 = prf(SK_pi, our message as RFC 9242 adjusts it), keys of now.
-                let inner_bytes = wire::encode_payloads(&inner).1;
-                let octets = crypto::int_auth_octets(&bytes, &inner_bytes).ok()?;
-                let sk_pi = &sa.keys.as_ref()?.sk_pi;
-                sa.int_auth_i = Some(crypto::int_auth_step(sk_pi, None, &octets));
+                sa.int_auth_i =
+                    Some(sa.int_auth_link(true, &bytes, &wire::encode_payloads(&inner).1)?);
                 return Some(bytes);
             }
             RequestKind::Auth { spi_in } => {
@@ -2459,13 +2488,9 @@ impl Endpoint {
             self.respond(sa, header, from, &[invalid_ke(ids::KE_ML_KEM_768)]);
             return false;
         };
-        let Some(keys) = sa.keys.as_ref() else {
+        let Some(int_i) = sa.int_auth_link(true, &raw, &inner_bytes) else {
             return false;
         };
-        let Ok(octets_i) = crypto::int_auth_octets(&raw, &inner_bytes) else {
-            return false;
-        };
-        let int_i = crypto::int_auth_step(&keys.sk_pi, None, &octets_i);
         let out = [Payload::Ke {
             group: ids::KE_ML_KEM_768,
             data: ct,
@@ -2476,16 +2501,7 @@ impl Endpoint {
             .as_ref()
             .map(|(_, b)| b.clone())
             .unwrap_or_default();
-        let Ok(octets_r) = crypto::int_auth_octets(&sent, &wire::encode_payloads(&out).1) else {
-            return false;
-        };
-        let Some(keys) = sa.keys.as_ref() else {
-            return false;
-        };
-        let int_r = crypto::int_auth_step(&keys.sk_pr, None, &octets_r);
-        sa.int_auth = Some((int_i, int_r));
-        sa.mix_additional(&shared[..]);
-        true
+        sa.finish_intermediate(int_i, &sent, &wire::encode_payloads(&out).1, &shared[..])
     }
 
     /// Initiator side: decapsulate, record IntAuth_r, update the keys; IKE_AUTH follows.
@@ -2507,16 +2523,7 @@ impl Endpoint {
             });
             return false;
         };
-        let Ok(octets_r) = crypto::int_auth_octets(&raw, &inner_bytes) else {
-            return false;
-        };
-        let Some(keys) = sa.keys.as_ref() else {
-            return false;
-        };
-        let int_r = crypto::int_auth_step(&keys.sk_pr, None, &octets_r);
-        sa.int_auth = Some((int_i, int_r));
-        sa.mix_additional(&shared[..]);
-        true
+        sa.finish_intermediate(int_i, &raw, &inner_bytes, &shared[..])
     }
 
     fn auth_request(
