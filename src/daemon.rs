@@ -11,10 +11,12 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config, Endpoint, KeyRef, Keying, PeerKey, Protocol};
 use crate::control::{self, SiteView};
+use crate::dataplane::esp::EspTunnelSpec;
 use crate::dataplane::netlink::Netlink;
 use crate::dataplane::wg::{ProbeSpec, WgTunnelSpec};
-use crate::dataplane::{Dataplane, Wire, MAX_PACKET};
+use crate::dataplane::{Dataplane, IpsecWires, Wire, IKE_PORT, MAX_PACKET, NATT_PORT};
 use crate::keys::{PrivateKey, Psk, PublicKey};
+use crate::proto::ike::crypto::AeadAlg;
 use crate::reload::{self, ReloadOutcome, ReloadRequest};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -39,18 +41,71 @@ fn load_psk(r: &KeyRef, what: &str) -> Result<Psk> {
     }
 }
 
-/// Turn validated tunnel configuration into data-plane specs, loading key material.
+/// The ciphers of strongSwan-style proposals, in order, and whether any names a DH group
+/// (for ESP proposals: PFS in CHILD SA rekeys). The config reader has checked the tokens.
+pub fn proposal_aeads(proposals: &[String]) -> (Vec<AeadAlg>, bool) {
+    let mut aeads = Vec::new();
+    let mut dh = false;
+    for p in proposals {
+        for token in p.split('-') {
+            let a = match token {
+                "aes128gcm16" | "aes128gcm" => Some(AeadAlg::AesGcm16 { key_bits: 128 }),
+                "aes256gcm16" | "aes256gcm" => Some(AeadAlg::AesGcm16 { key_bits: 256 }),
+                "chacha20poly1305" => Some(AeadAlg::ChaCha20Poly1305),
+                "x25519" | "curve25519" => {
+                    dh = true;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(a) = a.filter(|a| !aeads.contains(a)) {
+                aeads.push(a);
+            }
+        }
+    }
+    (aeads, dh)
+}
+
+/// The IPsec tunnels of a configuration, with their PSKs loaded.
+pub fn ipsec_specs(cfg: &Config) -> Result<Vec<EspTunnelSpec>> {
+    cfg.tunnels
+        .iter()
+        .filter(|t| t.protocol == Protocol::Ipsec)
+        .map(|t| {
+            let what = format!("tunnel {:?} (line {}): psk", t.name, t.line);
+            let psk = match &t.psk {
+                Some(r) => load_psk(r, &what)?,
+                None => bail!("{what} is required"),
+            };
+            let (ike_aeads, _) = proposal_aeads(&t.ike_proposals);
+            let (esp_aeads, esp_pfs) = proposal_aeads(&t.esp_proposals);
+            Ok(EspTunnelSpec {
+                name: t.name.clone(),
+                endpoints: t.endpoint.clone(),
+                local_subnets: t.local_subnets.clone(),
+                remote_subnets: t.remote_subnets.clone(),
+                psk: zeroize::Zeroizing::new(psk.as_bytes().to_vec()),
+                local_id: t.local_id.clone().unwrap_or_default(),
+                remote_id: t.remote_id.clone().unwrap_or_default(),
+                ike_aeads,
+                esp_aeads,
+                esp_pfs,
+                rekey_interval: t.rekey_interval,
+                dpd: t.dpd,
+                start_action: t.start_action,
+                line: t.line,
+            })
+        })
+        .collect()
+}
+
+/// Turn validated WireGuard tunnel configuration into data-plane specs, loading key
+/// material (IPsec tunnels: [`ipsec_specs`]).
 pub fn tunnel_specs(cfg: &Config) -> Result<Vec<WgTunnelSpec>> {
     cfg.tunnels
         .iter()
+        .filter(|t| t.protocol == Protocol::WireGuard)
         .map(|t| {
-            if t.protocol == Protocol::Ipsec {
-                bail!(
-                    "tunnel {:?} (line {}): protocol = \"ipsec\" is not supported by this build yet",
-                    t.name,
-                    t.line
-                );
-            }
             let peer = match &t.peer_public_key {
                 Some(PeerKey::Inline(k)) => PublicKey(*k),
                 Some(PeerKey::Vault(p)) => PublicKey(
@@ -155,6 +210,7 @@ pub async fn up(config_path: &Path) -> Result<()> {
     crate::vault::resolve(&cfg).await?;
     let private = load_private(&cfg.site.private_key, "site.private_key")?;
     let specs = tunnel_specs(&cfg)?;
+    let esp_specs = ipsec_specs(&cfg)?;
     let started = SystemTime::now();
 
     let netlink = Netlink::connect()?;
@@ -183,7 +239,15 @@ pub async fn up(config_path: &Path) -> Result<()> {
 
     let wire = Wire::bind(cfg.site.listen_port)
         .with_context(|| format!("binding UDP port {}", cfg.site.listen_port))?;
-    let dp = Arc::new(Dataplane::new(tun, wire, private, specs)?);
+    let ipsec = if esp_specs.is_empty() {
+        None
+    } else {
+        let wires = IpsecWires::bind(IKE_PORT, NATT_PORT).with_context(|| {
+            format!("binding UDP ports {IKE_PORT} and {NATT_PORT} for the IPsec tunnels")
+        })?;
+        Some((wires, esp_specs))
+    };
+    let dp = Arc::new(Dataplane::new(tun, wire, private, specs, ipsec)?);
 
     let mut installed = Installed {
         netlink,
@@ -242,13 +306,18 @@ async fn run(
     tokio::spawn(control::serve_uapi(uapi, view.clone()));
     crate::metrics::start(&cfg, dp.clone()).await?;
 
-    for (name, f) in [
+    let mut threads = vec![
         (
             "tun-reader",
             Dataplane::run_tun_reader as fn(Arc<Dataplane>),
         ),
         ("udp-reader", Dataplane::run_udp_reader),
-    ] {
+    ];
+    if dp.ipsec.is_some() {
+        threads.push(("ike-reader", Dataplane::run_ike_reader));
+        threads.push(("natt-reader", Dataplane::run_natt_reader));
+    }
+    for (name, f) in threads {
         let dp = dp.clone();
         std::thread::Builder::new()
             .name(name.into())
@@ -372,6 +441,16 @@ fn ready_status(cfg: &Config) -> String {
 
 async fn resolve_tunnels(dp: &Dataplane, only: Option<&[String]>) {
     let table = dp.tunnels.load();
+    for t in &table.esp {
+        if only.is_none()
+            && t.spec
+                .endpoints
+                .iter()
+                .any(|e| matches!(e, config::Endpoint::Host { .. }))
+        {
+            t.set_resolved(resolve(&t.spec.endpoints).await);
+        }
+    }
     for t in &table.list {
         if only.is_some_and(|names| !names.contains(&t.spec.name)) {
             continue;

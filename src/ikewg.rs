@@ -10,6 +10,9 @@
 //!   the key too) sends the first handshake. Outbound traffic moves once the new session
 //!   is up; the old one keeps receiving until then (make-before-break).
 //! - Dead-peer detection is IKE liveness; data received on the tunnel counts as liveness.
+//!
+//! The same driver runs the site's IPsec tunnels (`protocol = "ipsec"`): IKE on UDP 500,
+//! floating to 4500, and every CHILD SA installed as a pair of ESP SAs in the data plane.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,14 +22,17 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
-use crate::config::DpdAction;
-use crate::dataplane::stats::RttSource;
+use crate::config::values::{ike_identity, IkeIdentity};
+use crate::config::{DpdAction, StartAction};
+use crate::dataplane::esp::{ChildSa, EspTunnel};
+use crate::dataplane::stats::{RttSource, TunnelStats};
 use crate::dataplane::wg::WgTunnel;
-use crate::dataplane::{Dataplane, MAX_PACKET};
+use crate::dataplane::{Dataplane, MAX_PACKET, NATT_PORT, VIA_IKE, VIA_NATT, VIA_SITE};
 use crate::keys::{PrivateKey, PublicKey};
+use crate::proto::esp::EspSa;
 use crate::proto::ike::crypto::{self, AeadAlg};
 use crate::proto::ike::engine::{
-    ChildKeys, ChildKind, Endpoint, Event, Failure, PeerConfig, Rng, Timers,
+    ChildKeys, ChildKind, Endpoint, Event, Failure, PeerConfig, Rng, Timers, Via,
 };
 use crate::proto::ike::ts;
 use crate::proto::ike::wire::{ids, ts_from_subnet, Identity, TrafficSelector};
@@ -71,6 +77,22 @@ pub fn derive_psk(private: &PrivateKey, peer: &PublicKey) -> Option<zeroize::Zer
     );
     Some(zeroize::Zeroizing::new(psk.to_vec()))
 }
+
+/// An identity written as strongSwan writes `id` (validated by the config reader).
+pub fn identity(s: &str) -> Identity {
+    let (ty, data) = match ike_identity(s) {
+        Ok(IkeIdentity::Ipv4(a)) => (ids::ID_IPV4, a.octets().to_vec()),
+        Ok(IkeIdentity::Ipv6(a)) => (ids::ID_IPV6, a.octets().to_vec()),
+        Ok(IkeIdentity::Email(e)) => (ids::ID_RFC822, e.into_bytes()),
+        Ok(IkeIdentity::KeyId(k)) => (ids::ID_KEY_ID, k),
+        Ok(IkeIdentity::Fqdn(f)) => (ids::ID_FQDN, f.into_bytes()),
+        Err(_) => (ids::ID_FQDN, s.as_bytes().to_vec()),
+    };
+    Identity { ty, data }
+}
+
+/// Pause after a failed negotiation before the tunnel initiates again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 fn selectors(nets: &[IpNet]) -> Vec<TrafficSelector> {
     if nets.is_empty() {
@@ -118,6 +140,16 @@ pub struct IkeStatus {
     pub rekeys: u64,
     pub last_error: Option<String>,
     pub dpd: String,
+    /// IPsec: the newest CHILD SA's ESP cipher and SPIs (ours inbound, the peer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub esp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spi_in: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spi_out: Option<String>,
+    /// IPsec: where IKE and ESP go (after the float to 4500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl IkeStatus {
@@ -127,9 +159,16 @@ impl IkeStatus {
         if let (Some(i), Some(r), Some(suite)) = (&self.spi_i, &self.spi_r, &self.suite) {
             parts.push(format!("spi {i}/{r} {suite}"));
         }
+        if let (Some(esp), Some(i), Some(o)) = (&self.esp, &self.spi_in, &self.spi_out) {
+            parts.push(format!("esp {esp} spi in {i} out {o}"));
+        }
+        if let Some(peer) = &self.peer {
+            parts.push(format!("peer {peer}"));
+        }
         parts.push(format!(
-            "pfs {}, pq off",
-            if self.pfs { "on" } else { "off" }
+            "pfs {}, pq {}",
+            if self.pfs { "on" } else { "off" },
+            if self.pq { "on" } else { "off" }
         ));
         if !self.local_ts.is_empty() {
             parts.push(format!(
@@ -149,13 +188,62 @@ impl IkeStatus {
     }
 }
 
+/// The data-plane side of an IKE-driven tunnel.
+enum Kind {
+    Wg(Arc<WgTunnel>),
+    Esp(Arc<EspTunnel>),
+}
+
 struct Tunnel {
-    wg: Arc<WgTunnel>,
+    name: String,
+    kind: Kind,
     action: DpdAction,
+    start: StartAction,
     last_rx_packets: u64,
     rekeys: u64,
     last_error: Option<String>,
     dead: bool,
+    /// No new initiation before this (after a failure).
+    retry_at: Option<Instant>,
+}
+
+impl Tunnel {
+    fn stats(&self) -> &TunnelStats {
+        match &self.kind {
+            Kind::Wg(t) => &t.stats,
+            Kind::Esp(t) => &t.stats,
+        }
+    }
+
+    fn endpoint(&self) -> Option<SocketAddr> {
+        match &self.kind {
+            Kind::Wg(t) => t.endpoint(),
+            Kind::Esp(t) => t.endpoint(),
+        }
+    }
+
+    fn publish(&self, st: IkeStatus) {
+        let slot = match &self.kind {
+            Kind::Wg(t) => &t.ike_status,
+            Kind::Esp(t) => &t.ike_status,
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+    }
+
+    /// Whether housekeeping should (re)start the IKE SA now.
+    fn wants_ike(&self, now: Instant) -> bool {
+        if self.retry_at.is_some_and(|t| now < t) {
+            return false;
+        }
+        if self.dead && self.action == DpdAction::Clear {
+            return false;
+        }
+        match (&self.kind, self.start) {
+            (_, StartAction::Start) => true,
+            (Kind::Esp(t), StartAction::Trap) => t.wants_sa.load(Relaxed),
+            _ => false,
+        }
+    }
 }
 
 /// Commands from the control socket.
@@ -177,6 +265,13 @@ pub struct Driver {
     out: Vec<u8>,
 }
 
+fn esp_name(a: AeadAlg) -> String {
+    match a {
+        AeadAlg::ChaCha20Poly1305 => "chacha20poly1305".into(),
+        AeadAlg::AesGcm16 { key_bits } => format!("aes{key_bits}gcm16"),
+    }
+}
+
 fn suite_name(a: AeadAlg) -> String {
     match a {
         AeadAlg::ChaCha20Poly1305 => "chacha20poly1305-prfsha256-x25519".into(),
@@ -185,7 +280,7 @@ fn suite_name(a: AeadAlg) -> String {
 }
 
 impl Driver {
-    /// A driver for the site's IKE-keyed tunnels; None if there are none.
+    /// A driver for the site's IKE-keyed and IPsec tunnels; None if there are none.
     pub fn new(dp: Arc<Dataplane>) -> Option<Self> {
         let table = dp.tunnels.load();
         let mut peers = Vec::new();
@@ -211,24 +306,52 @@ impl Driver {
                 local_ts: selectors(&t.spec.local_subnets),
                 remote_ts: selectors(&t.spec.remote_subnets),
                 child_kind: ChildKind::WireGuardPsk,
-                timers: Timers {
-                    retransmit_base: Duration::from_millis(500),
-                    retransmit_factor: 1.6,
-                    retransmit_tries: 30,
-                    dpd_interval: dpd.interval,
-                    dpd_timeout: dpd.timeout,
-                    child_rekey: t.spec.rekey_interval,
-                    ike_rekey: (t.spec.rekey_interval * 30).max(Duration::from_secs(3600)),
-                },
+                timers: timers(dpd, t.spec.rekey_interval),
                 remote_addr: t.endpoint(),
+                via: VIA_SITE,
+                nat_t: None,
             });
             tunnels.push(Tunnel {
-                wg: t.clone(),
+                name: t.spec.name.clone(),
+                kind: Kind::Wg(t.clone()),
                 action: dpd.action,
+                start: StartAction::Start,
                 last_rx_packets: 0,
                 rekeys: 0,
                 last_error: None,
                 dead: false,
+                retry_at: None,
+            });
+        }
+        for t in &table.esp {
+            let spec = &t.spec;
+            peers.push(PeerConfig {
+                name: spec.name.clone(),
+                local_id: identity(&spec.local_id),
+                remote_id: identity(&spec.remote_id),
+                psk: spec.psk.clone(),
+                ike_aeads: spec.ike_aeads.clone(),
+                child_aeads: spec.esp_aeads.clone(),
+                child_pfs: spec.esp_pfs,
+                pq: false,
+                local_ts: selectors(&spec.local_subnets),
+                remote_ts: selectors(&spec.remote_subnets),
+                child_kind: ChildKind::Esp,
+                timers: timers(spec.dpd, spec.rekey_interval),
+                remote_addr: t.endpoint(),
+                via: VIA_IKE,
+                nat_t: Some((VIA_NATT, NATT_PORT)),
+            });
+            tunnels.push(Tunnel {
+                name: spec.name.clone(),
+                kind: Kind::Esp(t.clone()),
+                action: spec.dpd.action,
+                start: spec.start_action,
+                last_rx_packets: 0,
+                rekeys: 0,
+                last_error: None,
+                dead: false,
+                retry_at: None,
             });
         }
         if peers.is_empty() {
@@ -246,15 +369,21 @@ impl Driver {
 
     fn start(&mut self, now: Instant) {
         for p in 0..self.tunnels.len() {
-            self.ep.set_remote_addr(p, self.tunnels[p].wg.endpoint());
-            self.ep.initiate(p, now, &mut self.rng);
+            if self.tunnels[p].start == StartAction::Start {
+                self.initiate(p, now);
+            }
         }
+    }
+
+    fn initiate(&mut self, p: usize, now: Instant) {
+        self.ep.set_remote_addr(p, self.tunnels[p].endpoint());
+        self.ep.initiate(p, now, &mut self.rng);
     }
 
     /// Run until the process ends.
     pub async fn run(
         mut self,
-        mut rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        mut rx: mpsc::Receiver<(SocketAddr, Via, Vec<u8>)>,
         mut cmds: mpsc::Receiver<Command>,
     ) {
         self.start(Instant::now());
@@ -268,8 +397,8 @@ impl Driver {
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 msg = rx.recv() => {
-                    let Some((from, data)) = msg else { return };
-                    self.ep.handle_datagram(Instant::now(), from, &data, &mut self.rng);
+                    let Some((from, via, data)) = msg else { return };
+                    self.ep.handle_datagram_via(Instant::now(), from, via, &data, &mut self.rng);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.ep.handle_timeout(Instant::now(), &mut self.rng);
@@ -284,20 +413,20 @@ impl Driver {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Rotate { tunnel, reply } => {
-                let r = match self.tunnels.iter().position(|t| t.wg.spec.name == tunnel) {
+                let r = match self.tunnels.iter().position(|t| t.name == tunnel) {
                     Some(p) if self.ep.is_established(p) => {
                         self.ep.rekey_child(p, Instant::now(), &mut self.rng);
                         Ok(())
                     }
                     Some(_) => Err(format!("tunnel {tunnel}: no IKE SA established yet")),
-                    None => Err(format!("tunnel {tunnel} is not keyed by IKE")),
+                    None => Err(format!("tunnel {tunnel} is neither keyed by IKE nor IPsec")),
                 };
                 let _ = reply.send(r);
             }
             Command::Status { reply } => {
                 let _ = reply.send(
                     (0..self.tunnels.len())
-                        .map(|p| (self.tunnels[p].wg.spec.name.clone(), self.status(p)))
+                        .map(|p| (self.tunnels[p].name.clone(), self.status(p)))
                         .collect(),
                 );
             }
@@ -340,6 +469,22 @@ impl Driver {
             rekeys: t.rekeys,
             last_error: t.last_error.clone(),
             dpd: format!("{:?}", t.action).to_lowercase(),
+            esp: match (&t.kind, &child) {
+                (Kind::Esp(_), Some(c)) => match &c.keys {
+                    ChildKeys::Esp { aead, .. } => Some(esp_name(*aead)),
+                    ChildKeys::WireGuardPsk(_) => None,
+                },
+                _ => None,
+            },
+            spi_in: matches!(t.kind, Kind::Esp(_))
+                .then(|| child.as_ref().map(|c| format!("{:08x}", c.spi_in)))
+                .flatten(),
+            spi_out: matches!(t.kind, Kind::Esp(_))
+                .then(|| child.as_ref().map(|c| format!("{:08x}", c.spi_out)))
+                .flatten(),
+            peer: matches!(t.kind, Kind::Esp(_))
+                .then(|| self.esp_remote(p).map(|a| a.to_string()))
+                .flatten(),
         }
     }
 
@@ -348,30 +493,52 @@ impl Driver {
     fn housekeeping(&mut self, now: Instant) {
         for p in 0..self.tunnels.len() {
             let st = self.status(p);
-            *self.tunnels[p]
-                .wg
-                .ike_status
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(st);
-            let rx = self.tunnels[p].wg.stats.rx_packets.load(Relaxed);
+            self.tunnels[p].publish(st);
+            let rx = self.tunnels[p].stats().rx_packets.load(Relaxed);
             if rx != self.tunnels[p].last_rx_packets {
                 self.tunnels[p].last_rx_packets = rx;
                 self.ep.note_peer_activity(p, now);
             }
-            let hold = self.tunnels[p].dead && self.tunnels[p].action == DpdAction::Clear;
-            if !self.ep.is_active(p) && !hold {
-                self.ep.set_remote_addr(p, self.tunnels[p].wg.endpoint());
-                self.ep.initiate(p, now, &mut self.rng);
+            if let Kind::Esp(t) = &self.tunnels[p].kind {
+                t.set_remote(self.esp_remote(p));
+                if t.wants_rekey.swap(false, Relaxed) && self.ep.is_established(p) {
+                    tracing::info!(tunnel = %t.spec.name, "ESP sequence numbers nearly used up: rekeying the CHILD SA");
+                    self.ep.rekey_child(p, now, &mut self.rng);
+                }
+            }
+            if !self.ep.is_active(p) && self.tunnels[p].wants_ike(now) {
+                self.initiate(p, now);
             }
         }
     }
 
+    /// Where the tunnel's ESP goes: the IKE SA's peer on the NAT-T port.
+    fn esp_remote(&self, p: usize) -> Option<SocketAddr> {
+        self.ep.remote_of(p).map(|(addr, via)| {
+            if via == VIA_NATT {
+                addr
+            } else {
+                SocketAddr::new(addr.ip(), NATT_PORT)
+            }
+        })
+    }
+
     fn flush(&mut self) {
         while let Some(tx) = self.ep.poll_transmit() {
-            let mut d = Vec::with_capacity(tx.data.len() + 4);
-            d.extend_from_slice(&[0, 0, 0, 0]);
-            d.extend_from_slice(&tx.data);
-            if self.dp.wire.send_to(&d, tx.dst).is_err() {
+            let (wire, marker) = match (tx.via, &self.dp.ipsec) {
+                (VIA_IKE, Some(w)) => (&w.ike, false),
+                (VIA_NATT, Some(w)) => (&w.natt, true),
+                _ => (&self.dp.wire, true),
+            };
+            let sent = if marker {
+                let mut d = Vec::with_capacity(tx.data.len() + 4);
+                d.extend_from_slice(&[0, 0, 0, 0]);
+                d.extend_from_slice(&tx.data);
+                wire.send_to(&d, tx.dst)
+            } else {
+                wire.send_to(&tx.data, tx.dst)
+            };
+            if sent.is_err() {
                 tracing::debug!(to = %tx.dst, "sending an IKE message failed");
             }
         }
@@ -392,60 +559,116 @@ impl Driver {
             } => {
                 let t = &mut self.tunnels[peer];
                 t.dead = false;
+                t.retry_at = None;
                 let pq = self.ep.ike_sa_pq(peer);
-                tracing::info!(tunnel = %t.wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), initiator, rekey, suite = %suite_name(aead), pq, "IKE SA established");
+                tracing::info!(tunnel = %t.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), initiator, rekey, suite = %suite_name(aead), pq, "IKE SA established");
             }
             Event::IkeDown { peer, spi_i, spi_r } => {
-                tracing::info!(tunnel = %self.tunnels[peer].wg.spec.name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), "IKE SA closed");
+                tracing::info!(tunnel = %self.tunnels[peer].name, spi_i = format!("{spi_i:016x}"), spi_r = format!("{spi_r:016x}"), "IKE SA closed");
             }
             Event::ChildUp { peer, child } => {
+                let remote = self.esp_remote(peer);
                 let t = &mut self.tunnels[peer];
-                let ChildKeys::WireGuardPsk(psk) = &child.keys else {
-                    return;
-                };
                 t.last_error = None;
                 if child.rekey_of.is_some() {
                     t.rekeys += 1;
-                    t.wg.stats.rekeys_ok.fetch_add(1, Relaxed);
+                    t.stats().rekeys_ok.fetch_add(1, Relaxed);
                 }
-                t.wg.set_allowed(ts_to_nets(&child.remote_ts));
-                t.wg.install_psk(
-                    child.id.0,
-                    psk,
-                    child.initiator,
-                    &self.dp.wire,
-                    &mut self.out,
-                );
+                match (&t.kind, &child.keys) {
+                    (Kind::Wg(wg), ChildKeys::WireGuardPsk(psk)) => {
+                        wg.set_allowed(ts_to_nets(&child.remote_ts));
+                        wg.install_psk(
+                            child.id.0,
+                            psk,
+                            child.initiator,
+                            &self.dp.wire,
+                            &mut self.out,
+                        );
+                    }
+                    (
+                        Kind::Esp(esp),
+                        ChildKeys::Esp {
+                            aead,
+                            key_in,
+                            key_out,
+                        },
+                    ) => {
+                        let mut sa = match EspSa::new(
+                            child.spi_out,
+                            key_out,
+                            child.spi_in,
+                            key_in,
+                            *aead,
+                        ) {
+                            Ok(sa) => sa,
+                            Err(e) => {
+                                tracing::error!(tunnel = %t.name, error = %e, "cannot install the ESP SA");
+                                return;
+                            }
+                        };
+                        let mut mask = [0u8; 8];
+                        self.rng.fill(&mut mask);
+                        sa.set_iv_mask(u64::from_be_bytes(mask));
+                        let c = Arc::new(ChildSa::new(
+                            child.id.0,
+                            sa,
+                            *aead,
+                            child.local_ts.clone(),
+                            child.remote_ts.clone(),
+                        ));
+                        // Inbound first, so the peer's first packets on the new SA land.
+                        self.dp.spis.insert(esp, &c);
+                        esp.stats.handshakes.fetch_add(1, Relaxed);
+                        esp.set_remote(remote);
+                        esp.install(c);
+                    }
+                    _ => return,
+                }
                 tracing::info!(
-                    tunnel = %t.wg.spec.name,
+                    tunnel = %t.name,
                     child = child.id.0,
                     pfs = child.pfs,
                     rekey = child.rekey_of.is_some(),
+                    spi_in = format!("{:08x}", child.spi_in),
+                    spi_out = format!("{:08x}", child.spi_out),
                     local_ts = ?child.local_ts.iter().map(ts::display).collect::<Vec<_>>(),
                     remote_ts = ?child.remote_ts.iter().map(ts::display).collect::<Vec<_>>(),
-                    "new WireGuard key from IKE"
+                    "CHILD SA installed"
                 );
             }
-            Event::ChildDown { peer, id } => self.tunnels[peer].wg.retire_child(id.0),
+            Event::ChildDown { peer, id } => match &self.tunnels[peer].kind {
+                Kind::Wg(wg) => wg.retire_child(id.0),
+                Kind::Esp(esp) => {
+                    if let Some(spi) = esp.remove(id.0) {
+                        self.dp.spis.remove(&[spi]);
+                    }
+                }
+            },
             Event::PeerDead { peer } => {
                 let t = &mut self.tunnels[peer];
                 t.dead = true;
-                t.wg.stats.dpd_dead.fetch_add(1, Relaxed);
-                tracing::warn!(tunnel = %t.wg.spec.name, action = ?t.action, "peer dead: no answer to IKE liveness checks");
+                t.stats().dpd_dead.fetch_add(1, Relaxed);
+                tracing::warn!(tunnel = %t.name, action = ?t.action, "peer dead: no answer to IKE liveness checks");
+                let clear = |t: &Tunnel, dp: &Dataplane| match &t.kind {
+                    Kind::Wg(wg) => wg.clear_sessions(),
+                    Kind::Esp(esp) => {
+                        dp.spis.remove(&esp.clear());
+                        esp.cleared.store(true, Relaxed);
+                    }
+                };
                 match t.action {
-                    DpdAction::Clear => t.wg.clear_sessions(),
+                    DpdAction::Clear => clear(t, &self.dp),
                     // restart: initiate again at once (housekeeping does it for hold on
                     // the next second too; hold keeps the old sessions meanwhile).
                     DpdAction::Restart => {
-                        t.wg.clear_sessions();
-                        self.ep.set_remote_addr(peer, t.wg.endpoint());
-                        self.ep.initiate(peer, Instant::now(), &mut self.rng);
+                        clear(t, &self.dp);
+                        self.initiate(peer, Instant::now());
                     }
                     DpdAction::Hold => {}
                 }
             }
             Event::PeerRestarted { peer } => {
-                tracing::info!(tunnel = %self.tunnels[peer].wg.spec.name, "peer restarted (INITIAL_CONTACT): old SAs dropped");
+                tracing::info!(tunnel = %self.tunnels[peer].name, "peer restarted (INITIAL_CONTACT): old SAs dropped");
             }
             Event::Failed { peer, failure } => {
                 let msg = match &failure {
@@ -454,28 +677,41 @@ impl Driver {
                         offered_remote.iter().map(ts::display).collect::<Vec<_>>(),
                         offered_local.iter().map(ts::display).collect::<Vec<_>>()
                     ),
+                    Failure::AuthenticationFailed => "authentication failed: the peer's AUTH did not verify or it rejected ours (check psk and local_id/remote_id on both sides)".to_string(),
+                    Failure::NoProposalChosen => "no proposal chosen: the peer accepts none of our ike_proposals/esp_proposals".to_string(),
                     other => format!("{other:?}"),
                 };
                 match peer {
                     Some(p) => {
-                        self.tunnels[p]
-                            .wg
-                            .stats
+                        let t = &mut self.tunnels[p];
+                        t.stats()
                             .rekeys_failed
                             .fetch_add(u64::from(matches!(failure, Failure::Notify(_))), Relaxed);
-                        tracing::warn!(tunnel = %self.tunnels[p].wg.spec.name, "IKE: {msg}");
-                        self.tunnels[p].last_error = Some(msg);
+                        tracing::warn!(tunnel = %t.name, "IKE: {msg}");
+                        t.last_error = Some(msg);
+                        t.retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
                     }
                     None => tracing::warn!("IKE: {msg}"),
                 }
             }
             Event::RttSample { peer, rtt } => self.tunnels[peer]
-                .wg
-                .stats
+                .stats()
                 .rtt
                 .get(RttSource::Ike)
                 .observe(rtt),
             Event::Dropped { reason } => tracing::debug!(reason, "IKE message dropped"),
         }
+    }
+}
+
+fn timers(dpd: crate::config::Dpd, rekey: Duration) -> Timers {
+    Timers {
+        retransmit_base: Duration::from_millis(500),
+        retransmit_factor: 1.6,
+        retransmit_tries: 30,
+        dpd_interval: dpd.interval,
+        dpd_timeout: dpd.timeout,
+        child_rekey: rekey,
+        ike_rekey: (rekey * 30).max(Duration::from_secs(3600)),
     }
 }

@@ -555,7 +555,12 @@ impl SnapshotSource for DataplaneSource {
         });
         let keys = site.into_iter().chain(psks).collect();
         SiteSnapshot {
-            tunnels: table.list.iter().map(|t| wg_snapshot(t)).collect(),
+            tunnels: table
+                .list
+                .iter()
+                .map(|t| wg_snapshot(t))
+                .chain(table.esp.iter().map(|t| esp_snapshot(t)))
+                .collect(),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.as_str(), self.dp.drops.get(*r)))
@@ -563,6 +568,49 @@ impl SnapshotSource for DataplaneSource {
             keys,
             vault: self.vault.then(|| crate::vault::stats().snapshot()),
         }
+    }
+}
+
+/// What an IPsec tunnel reports (same families as WireGuard tunnels: one dashboard).
+pub fn esp_snapshot(t: &crate::dataplane::esp::EspTunnel) -> TunnelSnapshot {
+    let s = &t.stats;
+    let (sec, nsec) = t.last_handshake();
+    let ike = t
+        .ike_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    TunnelSnapshot {
+        name: t.spec.name.clone(),
+        protocol: "ipsec",
+        keying: "ike",
+        up: t.is_up(),
+        rx_bytes: s.rx_bytes.load(Relaxed),
+        tx_bytes: s.tx_bytes.load(Relaxed),
+        rx_packets: s.rx_packets.load(Relaxed),
+        tx_packets: s.tx_packets.load(Relaxed),
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), s.drops.get(*r)))
+            .collect(),
+        last_handshake: (sec > 0).then(|| sec as f64 + f64::from(nsec) / 1e9),
+        handshakes: vec![
+            ("success", s.handshakes.load(Relaxed)),
+            ("timeout", s.handshake_timeouts.load(Relaxed)),
+            ("rejected", s.handshake_rejects.load(Relaxed)),
+        ],
+        rekeys: vec![
+            ("success", s.rekeys_ok.load(Relaxed)),
+            ("failure", s.rekeys_failed.load(Relaxed)),
+        ],
+        dpd_dead: Some(s.dpd_dead.load(Relaxed)),
+        rtt: vec![(RttSource::Ike, s.rtt.get(RttSource::Ike).snapshot())],
+        loss: Vec::new(),
+        probes: Vec::new(),
+        next_rekey_secs: ike
+            .and_then(|i| i.next_rekey_secs)
+            .filter(|_| t.is_up())
+            .map(|n| n as f64),
     }
 }
 

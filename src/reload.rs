@@ -238,7 +238,16 @@ pub fn plan(
 
     let old_spec: HashMap<&str, &WgTunnelSpec> =
         old_specs.iter().map(|s| (s.name.as_str(), s)).collect();
-    for (t, spec) in new.tunnels.iter().zip(new_specs) {
+    let wireguard = |t: &&crate::config::Tunnel| t.protocol == crate::config::Protocol::WireGuard;
+    for t in new.tunnels.iter().filter(|t| !wireguard(t)) {
+        // IPsec tunnels: the IKE driver owns them; unchanged ones ride through.
+        match old.tunnel(&t.name) {
+            Some(ot) if same_tunnel(ot, t) => p.unchanged.push(t.name.clone()),
+            Some(_) => p.changed.push(t.name.clone()),
+            None => p.added.push(t.name.clone()),
+        }
+    }
+    for (t, spec) in new.tunnels.iter().filter(wireguard).zip(new_specs) {
         match (old.tunnel(&t.name), old_spec.get(t.name.as_str())) {
             (Some(ot), Some(os)) if same_tunnel(ot, t) && same_spec(os, spec) => {
                 p.unchanged.push(t.name.clone())
@@ -267,8 +276,8 @@ pub fn plan(
         .chain(p.removed.iter().filter(|n| ike(old, n)))
         .map(|n| {
             format!(
-                "tunnel {n:?}: adding, changing or removing a tunnel with keying = \"ike\" \
-                 needs a restart (unchanged IKE tunnels reload fine)"
+                "tunnel {n:?}: adding, changing or removing an IPsec tunnel or one with \
+                 keying = \"ike\" needs a restart (unchanged ones reload fine)"
             )
         })
         .collect();
@@ -422,7 +431,8 @@ async fn apply(
             Err(e) => out.warnings.push(format!("{e:#}")),
         }
     }
-    dp.tunnels.store(Arc::new(TunnelTable::new(list)));
+    dp.tunnels
+        .store(Arc::new(TunnelTable::with_esp(list, old.esp.clone())));
     for net in &plan.routes_del {
         match netlink.del_route(ifindex, *net).await {
             Ok(()) => out.routes_removed.push(net.to_string()),

@@ -153,6 +153,66 @@ impl TunnelStatus {
     }
 }
 
+impl TunnelStatus {
+    /// An IPsec tunnel, in the same shape (`peer_public_key` holds the peer's IKE id).
+    pub fn of_esp(t: &crate::dataplane::esp::EspTunnel, now: SystemTime) -> Self {
+        let (hs_sec, hs_nsec) = t.last_handshake();
+        let last = (hs_sec > 0).then_some(hs_sec);
+        let age = last.map(|_| {
+            let at = UNIX_EPOCH + std::time::Duration::new(hs_sec, hs_nsec);
+            now.duration_since(at).map_or(0, |d| d.as_secs())
+        });
+        let ike = t
+            .ike_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let state = if t.is_up() {
+            "up"
+        } else if ike.as_ref().is_some_and(|i| i.state == "connecting") {
+            "connecting"
+        } else if ike.as_ref().is_some_and(|i| i.state == "dead") {
+            "down"
+        } else {
+            "waiting"
+        };
+        let s = &t.stats;
+        Self {
+            name: t.spec.name.clone(),
+            protocol: "ipsec".into(),
+            keying: "ike".into(),
+            state: state.into(),
+            endpoint: t.remote().or_else(|| t.endpoint()).map(|e| e.to_string()),
+            peer_public_key: format!("id {}", t.spec.remote_id),
+            local_subnets: to_strings(&t.spec.local_subnets),
+            remote_subnets: to_strings(&t.spec.remote_subnets),
+            last_handshake: last,
+            last_handshake_age_secs: age,
+            handshakes: s.handshakes.load(Relaxed),
+            rx_bytes: s.rx_bytes.load(Relaxed),
+            tx_bytes: s.tx_bytes.load(Relaxed),
+            rx_packets: s.rx_packets.load(Relaxed),
+            tx_packets: s.tx_packets.load(Relaxed),
+            rx_inner_packets: s.rx_inner_packets.load(Relaxed),
+            tx_inner_packets: s.tx_inner_packets.load(Relaxed),
+            handshake_rtt_ms: None,
+            estimated_loss: 0.0,
+            persistent_keepalive_secs: None,
+            drops: owned(s.drops.snapshot()),
+            handshake_timeouts: s.handshake_timeouts.load(Relaxed),
+            handshake_rejects: s.handshake_rejects.load(Relaxed),
+            rtt: RttSource::ALL
+                .iter()
+                .filter_map(|r| Some((r.as_str().to_owned(), s.rtt.get(*r).recent()?)))
+                .collect(),
+            loss: BTreeMap::new(),
+            probe: None,
+            dpd_dead: s.dpd_dead.load(Relaxed),
+            ike,
+        }
+    }
+}
+
 fn owned(m: BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
     m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
@@ -179,6 +239,13 @@ impl SiteStatus {
                 .list
                 .iter()
                 .map(|t| TunnelStatus::of(t, now))
+                .chain(
+                    dp.tunnels
+                        .load()
+                        .esp
+                        .iter()
+                        .map(|t| TunnelStatus::of_esp(t, now)),
+                )
                 .collect(),
         }
     }

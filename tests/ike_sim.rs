@@ -78,8 +78,10 @@ struct Sim {
     net_rng: SimRng,
     link: Link,
     sides: [Side; 2],
-    /// (deliver at, seq) -> (to side, from addr, data)
-    wire: BTreeMap<(Instant, u64), (usize, SocketAddr, Vec<u8>)>,
+    /// (deliver at, seq) -> (to side, from addr, path, data)
+    wire: BTreeMap<(Instant, u64), (usize, SocketAddr, u8, Vec<u8>)>,
+    /// Every datagram sent: (side, path, destination port, exchange type, is response).
+    sent: Vec<(usize, u8, u16, u8, bool)>,
     seq: u64,
     delivered: u64,
 }
@@ -121,6 +123,8 @@ fn peer(
         child_kind: ChildKind::WireGuardPsk,
         timers,
         remote_addr,
+        via: 0,
+        nat_t: None,
     }
 }
 
@@ -194,6 +198,7 @@ impl Sim {
             wire: BTreeMap::new(),
             seq: 0,
             delivered: 0,
+            sent: Vec::new(),
         }
     }
 
@@ -205,7 +210,27 @@ impl Sim {
     fn drain(&mut self) {
         for s in 0..2 {
             while let Some(tx) = self.sides[s].ep.poll_transmit() {
-                let to = if tx.dst == self.sides[A].addr { A } else { B };
+                let to = if tx.dst.ip() == self.sides[A].addr.ip() {
+                    A
+                } else {
+                    B
+                };
+                // Path 2 is the NAT-T socket (port 4500), anything else port 500.
+                let from = SocketAddr::new(
+                    self.sides[s].addr.ip(),
+                    if tx.via == 2 {
+                        4500
+                    } else {
+                        self.sides[s].addr.port()
+                    },
+                );
+                self.sent.push((
+                    s,
+                    tx.via,
+                    tx.dst.port(),
+                    tx.data[18],
+                    tx.data[19] & 0x20 != 0,
+                ));
                 if self.net_rng.chance(self.link.loss) {
                     continue;
                 }
@@ -225,7 +250,7 @@ impl Sim {
                     self.seq += 1;
                     self.wire.insert(
                         (self.now + self.link.latency + jitter, self.seq),
-                        (to, self.sides[s].addr, tx.data.clone()),
+                        (to, from, tx.via, tx.data.clone()),
                     );
                 }
             }
@@ -268,14 +293,14 @@ impl Sim {
                 if k.0 > self.now {
                     break;
                 }
-                let (to, from, data) = self.wire.remove(&k).unwrap();
+                let (to, from, via, data) = self.wire.remove(&k).unwrap();
                 if self.sides[to].frozen {
                     continue;
                 }
                 self.delivered += 1;
                 self.sides[to]
                     .ep
-                    .handle_datagram(self.now, from, &data, &mut self.rng);
+                    .handle_datagram_via(self.now, from, via, &data, &mut self.rng);
             }
             for s in 0..2 {
                 if !self.sides[s].frozen
@@ -906,4 +931,90 @@ fn garbage_never_panics_and_is_counted() {
     sim.run_until(Duration::from_secs(3));
     assert!(sim.sides[A].ep.is_established(0));
     assert_children_agree(&sim);
+}
+
+/// IPsec: the initiator starts on port 500 and floats to 4500 after IKE_SA_INIT; the
+/// responder answers on the path each request came in on; both sides end up with ESP keys
+/// that mirror each other.
+#[test]
+fn ipsec_floats_to_nat_t_and_keys_esp() {
+    let mut sim = Sim::with_peers(11, Link::clean(), |a, b| {
+        let mut pa = peer(
+            "to-b",
+            "a.sitewire",
+            "b.sitewire",
+            &["10.1.0.0/24"],
+            &["10.2.0.0/24"],
+            Some(b),
+            fast_timers(),
+        );
+        let mut pb = peer(
+            "to-a",
+            "b.sitewire",
+            "a.sitewire",
+            &["10.2.0.0/24"],
+            &["10.1.0.0/24"],
+            Some(a),
+            fast_timers(),
+        );
+        for p in [&mut pa, &mut pb] {
+            p.child_kind = ChildKind::Esp;
+            p.pq = false;
+            p.child_pfs = false;
+            p.child_aeads = vec![AeadAlg::AesGcm16 { key_bits: 256 }];
+            p.via = 1;
+            p.nat_t = Some((2, 4500));
+        }
+        pb.remote_addr = None;
+        (pa, pb)
+    });
+    sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(12));
+    assert!(sim.sides[A].ep.is_established(0) && sim.sides[B].ep.is_established(0));
+    // IKE_SA_INIT (34) both ways on path 1 / port 500; everything after on path 2 / 4500.
+    for &(side, via, port, exchange, _) in &sim.sent {
+        if exchange == 34 {
+            assert_eq!((via, port), (1, 500), "IKE_SA_INIT from side {side}");
+        } else {
+            assert_eq!(
+                (via, port),
+                (2, 4500),
+                "exchange {exchange} from side {side}"
+            );
+        }
+    }
+    assert!(sim.sent.iter().any(|&(s, _, _, x, _)| s == B && x == 35));
+    let (a, b) = (sim.child_ups(A), sim.child_ups(B));
+    let (ca, cb) = (a.last().unwrap(), b.last().unwrap());
+    assert_eq!(ca.spi_in, cb.spi_out);
+    assert_eq!(ca.spi_out, cb.spi_in);
+    match (&ca.keys, &cb.keys) {
+        (
+            ChildKeys::Esp {
+                aead,
+                key_in,
+                key_out,
+            },
+            ChildKeys::Esp {
+                key_in: bi,
+                key_out: bo,
+                ..
+            },
+        ) => {
+            assert_eq!(*aead, AeadAlg::AesGcm16 { key_bits: 256 });
+            assert_eq!(key_in.len(), 36);
+            assert_eq!(&key_in[..], &bo[..]);
+            assert_eq!(&key_out[..], &bi[..]);
+            assert_ne!(&key_in[..], &key_out[..]);
+        }
+        other => panic!("expected ESP keys, got {other:?}"),
+    }
+    assert_eq!(
+        sim.sides[A].ep.remote_of(0).map(|(a, v)| (a.port(), v)),
+        Some((4500, 2))
+    );
+    assert_eq!(
+        sim.sides[B].ep.remote_of(0).map(|(a, v)| (a.port(), v)),
+        Some((4500, 2))
+    );
 }

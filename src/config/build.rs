@@ -608,8 +608,8 @@ impl Builder<'_> {
             (!is_ipsec).then_some(None)
         };
 
-        let local_id = self.identity(sec, "local_id", &present);
-        let remote_id = self.identity(sec, "remote_id", &present);
+        let local_id = self.identity(sec, "local_id", is_ipsec, &present);
+        let remote_id = self.identity(sec, "remote_id", is_ipsec, &present);
         let ike_proposals =
             self.proposals(sec, "ike_proposals", ProposalKind::Ike, is_ipsec, &present);
         let esp_proposals =
@@ -836,9 +836,18 @@ impl Builder<'_> {
         &mut self,
         sec: &Section<'_, '_>,
         key: &str,
+        is_ipsec: bool,
         present: &dyn Fn(&str) -> bool,
     ) -> Option<Option<String>> {
         if !present(key) {
+            if is_ipsec {
+                sec.missing(
+                    &mut self.ctx,
+                    key,
+                    " for protocol = \"ipsec\" (an FQDN, IP address, email or @#hex key id, as in strongSwan's `id`)",
+                );
+                return None;
+            }
             return Some(None);
         }
         let s = sec.string(&mut self.ctx, key)?;
@@ -848,7 +857,7 @@ impl Builder<'_> {
             } else if text.len() > 255 {
                 Err(format!("{key} is longer than 255 bytes"))
             } else {
-                Ok(Some(text.to_string()))
+                values::ike_identity(text).map(|_| Some(text.to_string()))
             }
         })
     }

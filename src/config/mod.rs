@@ -8,7 +8,7 @@
 mod build;
 mod doc;
 mod keyfile;
-mod values;
+pub mod values;
 
 #[cfg(test)]
 mod tests;

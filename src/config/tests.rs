@@ -189,7 +189,8 @@ fn minimal_config_gets_defaults() {
     assert_eq!(t.line, 7);
 
     let ipsec = "\n[[tunnel]]\nname = \"hq\"\nprotocol = \"ipsec\"\npsk = \"vault:sitewire/hq\"\n\
-                 local_subnets = [\"10.10.0.0/24\"]\nremote_subnets = [\"172.16.0.0/16\"]\n";
+                 local_subnets = [\"10.10.0.0/24\"]\nremote_subnets = [\"172.16.0.0/16\"]\n\
+                 local_id = \"lab.example.net\"\nremote_id = \"10.0.0.9\"\n";
     let c = d.parse(&(site() + ipsec)).unwrap();
     let t = &c.tunnels[0];
     assert_eq!(t.psk, Some(KeyRef::Vault("sitewire/hq".into())));
@@ -308,7 +309,14 @@ fn missing_keys() {
     for key in ["name", "interface", "listen_port", "private_key"] {
         has_error(&errors, &format!("site.{key}"), 2, "missing required key");
     }
-    for key in ["name", "remote_subnets", "local_subnets", "psk"] {
+    for key in [
+        "name",
+        "remote_subnets",
+        "local_subnets",
+        "psk",
+        "local_id",
+        "remote_id",
+    ] {
         has_error(
             &errors,
             &format!("tunnel[0].{key}"),
@@ -316,7 +324,7 @@ fn missing_keys() {
             "missing required key",
         );
     }
-    assert_eq!(errors.len(), 8, "{errors:#?}");
+    assert_eq!(errors.len(), 10, "{errors:#?}");
 
     let errors =
         d.errors(&(site() + "\n[[tunnel]]\nname = \"a\"\nremote_subnets = [\"10.1.0.0/16\"]\n"));
@@ -570,7 +578,8 @@ fn protocol_specific_keys() {
     let text = site()
         + &wg_tunnel("a", "10.1.0.0/16")
         + "protocol = \"ipsec\"\nkeying = \"ike\"\npersistent_keepalive = \"5s\"\npsk = \"keys/hq.psk\"\n\
-           local_subnets = [\"10.10.0.0/24\"]\nendpoint = \"gw.example\"\n";
+           local_subnets = [\"10.10.0.0/24\"]\nendpoint = \"gw.example\"\n\
+           local_id = \"a.example\"\nremote_id = \"gw.example\"\n";
     let errors = d.errors(&text);
     has_error(
         &errors,
@@ -636,7 +645,7 @@ fn ipsec_proposals_and_ids() {
     let text = site()
         + base
         + "ike_proposals = [\"aes256gcm16-prfsha256-x25519\", \"aes256-sha1-modp1024\"]\n\
-           esp_proposals = []\nlocal_id = \"\"\nstart_action = \"later\"\n";
+           esp_proposals = []\nlocal_id = \"\"\nstart_action = \"later\"\nremote_id = \"%any\"\n";
     let errors = d.errors(&text);
     has_error(
         &errors,
@@ -657,11 +666,13 @@ fn ipsec_proposals_and_ids() {
         16,
         "expected \"start\" or \"trap\" or \"none\"",
     );
-    assert_eq!(errors.len(), 4, "{errors:#?}");
+    has_error(&errors, "tunnel[0].remote_id", 17, "exact identity");
+    assert_eq!(errors.len(), 5, "{errors:#?}");
 
     let text = site()
         + base
-        + "esp_proposals = [\"chacha20poly1305-x25519-esn\"]\nstart_action = \"none\"\n";
+        + "esp_proposals = [\"chacha20poly1305-x25519-esn\"]\nstart_action = \"none\"\n\
+           local_id = \"@#0a0b\"\nremote_id = \"hq@example.net\"\n";
     let c = d.parse(&text).unwrap();
     assert_eq!(
         c.tunnels[0].esp_proposals,

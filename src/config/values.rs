@@ -179,6 +179,64 @@ fn hostname(s: &str) -> bool {
         })
 }
 
+/// The kind and body of an IKE identity written as strongSwan writes `id`: an IPv4 or
+/// IPv6 address, `@#<hex>` (KEY_ID), `@fqdn` or `fqdn` (FQDN), `user@domain` (RFC 822).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IkeIdentity {
+    Ipv4(std::net::Ipv4Addr),
+    Ipv6(std::net::Ipv6Addr),
+    Fqdn(String),
+    Email(String),
+    KeyId(Vec<u8>),
+}
+
+pub fn ike_identity(s: &str) -> Result<IkeIdentity, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(match ip {
+            std::net::IpAddr::V4(a) => IkeIdentity::Ipv4(a),
+            std::net::IpAddr::V6(a) => IkeIdentity::Ipv6(a),
+        });
+    }
+    if s.starts_with('%') {
+        return Err(format!(
+            "{} is not supported: give the peer's exact identity",
+            quote(s)
+        ));
+    }
+    if s.contains('=') {
+        return Err(format!(
+            "distinguished names ({}) need certificates, which sitewire does not do; use an FQDN, address, email or @#hex key id",
+            quote(s)
+        ));
+    }
+    if let Some(hex) = s.strip_prefix("@#") {
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .filter(|b| !b.is_empty());
+        return bytes
+            .map(IkeIdentity::KeyId)
+            .ok_or_else(|| format!("{} is not an even number of hex digits after @#", quote(s)));
+    }
+    if let Some(fqdn) = s.strip_prefix('@') {
+        if fqdn.is_empty() {
+            return Err("empty FQDN after @".into());
+        }
+        return Ok(IkeIdentity::Fqdn(fqdn.to_string()));
+    }
+    if s.contains('@') {
+        return Ok(IkeIdentity::Email(s.to_string()));
+    }
+    if s.chars().any(char::is_whitespace) {
+        return Err(format!("{} contains white space", quote(s)));
+    }
+    Ok(IkeIdentity::Fqdn(s.to_string()))
+}
+
 const ENCRYPTION: &[&str] = &[
     "aes128gcm16",
     "aes256gcm16",
@@ -186,8 +244,10 @@ const ENCRYPTION: &[&str] = &[
     "aes256gcm",
     "chacha20poly1305",
 ];
-const PRF: &[&str] = &["prfsha256", "prfsha384", "prfsha512"];
-const DH: &[&str] = &["x25519", "curve25519", "ecp256", "modp2048"];
+// What sitewire's IKE engine implements: PRF HMAC-SHA2-256 and X25519 (a proposal naming
+// anything else is refused here rather than failing to negotiate at run time).
+const PRF: &[&str] = &["prfsha256"];
+const DH: &[&str] = &["x25519", "curve25519"];
 const ESN: &[&str] = &["esn", "noesn"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,7 +376,11 @@ mod tests {
     fn proposals() {
         use ProposalKind::*;
         assert!(proposal("aes256gcm16-prfsha256-x25519", Ike).is_ok());
-        assert!(proposal("chacha20poly1305-prfsha512-ecp256-modp2048", Ike).is_ok());
+        assert!(proposal("chacha20poly1305-prfsha256-curve25519", Ike).is_ok());
+        assert!(proposal("aes256gcm16-prfsha512-x25519", Ike)
+            .unwrap_err()
+            .contains("supported: "));
+        assert!(proposal("aes256gcm16-prfsha256-ecp256", Ike).is_err());
         assert!(proposal("aes256gcm16", Esp).is_ok());
         assert!(proposal("aes128gcm16-x25519-esn", Esp).is_ok());
         assert!(proposal("aes256gcm16-x25519", Ike)
@@ -332,6 +396,34 @@ mod tests {
         assert!(proposal("aes256gcm16-esn-prfsha256-x25519", Ike).is_err());
         assert!(proposal("", Esp).is_err());
         assert!(proposal("x25519", Esp).is_err());
+    }
+
+    #[test]
+    fn identities() {
+        use IkeIdentity::*;
+        assert_eq!(
+            ike_identity("10.1.2.3"),
+            Ok(Ipv4("10.1.2.3".parse().unwrap()))
+        );
+        assert_eq!(
+            ike_identity("fd00::1"),
+            Ok(Ipv6("fd00::1".parse().unwrap()))
+        );
+        assert_eq!(
+            ike_identity("gw.example.net"),
+            Ok(Fqdn("gw.example.net".into()))
+        );
+        assert_eq!(ike_identity("@gw"), Ok(Fqdn("gw".into())));
+        assert_eq!(
+            ike_identity("admin@example.net"),
+            Ok(Email("admin@example.net".into()))
+        );
+        assert_eq!(ike_identity("@#0aff"), Ok(KeyId(vec![0x0a, 0xff])));
+        assert!(ike_identity("@#abc").is_err());
+        assert!(ike_identity("%any").unwrap_err().contains("exact identity"));
+        assert!(ike_identity("C=CH, O=x, CN=y")
+            .unwrap_err()
+            .contains("certificates"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! time through [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`], the
 //! seams where batched I/O (recvmmsg/GSO, TUN offload) plugs in.
 
+pub mod esp;
 pub mod netlink;
 pub mod router;
 pub mod stats;
@@ -25,6 +26,8 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::proto::demux::{self, Datagram};
+use crate::proto::ike::engine::Via;
+use esp::{EspTunnel, SpiMap};
 use router::Router;
 use stats::{DropReason, Drops};
 use wg::{WgTunnel, WgTunnelSpec};
@@ -89,27 +92,59 @@ impl Wire {
     }
 }
 
+/// The IKE paths of a site (see [`Via`]): IKE with the non-ESP marker on the site port
+/// (IKE-keyed WireGuard), plain IKE on UDP 500, and IKE, ESP and NAT keepalives on 4500.
+pub const VIA_SITE: Via = 0;
+pub const VIA_IKE: Via = 1;
+pub const VIA_NATT: Via = 2;
+/// The standard IKE and NAT-T ports (RFC 7296 §2, RFC 3948).
+pub const IKE_PORT: u16 = 500;
+pub const NATT_PORT: u16 = 4500;
+
+/// Where a destination prefix leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Wg(usize),
+    Esp(usize),
+}
+
 /// All tunnels of a site, indexed for both directions.
 #[derive(Default)]
 pub struct TunnelTable {
     pub list: Vec<Arc<WgTunnel>>,
+    /// IPsec tunnels (fixed for the daemon's life).
+    pub esp: Vec<Arc<EspTunnel>>,
     by_index: HashMap<u32, usize>,
     by_key: HashMap<[u8; 32], usize>,
-    router: Router<usize>,
+    router: Router<Route>,
 }
 
 impl TunnelTable {
     pub fn new(list: Vec<Arc<WgTunnel>>) -> Self {
+        Self::with_esp(list, Vec::new())
+    }
+
+    pub fn with_esp(list: Vec<Arc<WgTunnel>>, esp: Vec<Arc<EspTunnel>>) -> Self {
         let mut t = Self::default();
         for (i, tun) in list.iter().enumerate() {
             t.by_index.insert(tun.index, i);
             t.by_key.insert(tun.spec.peer_public_key.0, i);
             for net in &tun.spec.remote_subnets {
-                t.router.insert(*net, i);
+                t.router.insert(*net, Route::Wg(i));
+            }
+        }
+        for (i, tun) in esp.iter().enumerate() {
+            for net in &tun.spec.remote_subnets {
+                t.router.insert(*net, Route::Esp(i));
             }
         }
         t.list = list;
+        t.esp = esp;
         t
+    }
+
+    pub fn esp_by_name(&self, name: &str) -> Option<&Arc<EspTunnel>> {
+        self.esp.iter().find(|t| t.spec.name == name)
     }
 
     /// The tunnel and session slot a receiver index names (boringtun puts our index in
@@ -138,7 +173,26 @@ pub struct Dataplane {
     /// Drops not attributable to a tunnel.
     pub drops: Drops,
     /// Where IKE messages go (the IKE driver task), once one runs.
-    pub ike_tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>>,
+    pub ike_tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<(SocketAddr, Via, Vec<u8>)>>,
+    /// UDP 500 and 4500, when the site has IPsec tunnels.
+    pub ipsec: Option<IpsecWires>,
+    /// Inbound ESP SPIs of the IPsec tunnels.
+    pub spis: SpiMap,
+}
+
+/// The IKE (500) and NAT-T (4500) sockets of a site with IPsec tunnels.
+pub struct IpsecWires {
+    pub ike: Wire,
+    pub natt: Wire,
+}
+
+impl IpsecWires {
+    pub fn bind(ike_port: u16, natt_port: u16) -> io::Result<Self> {
+        Ok(Self {
+            ike: Wire::bind(ike_port)?,
+            natt: Wire::bind(natt_port)?,
+        })
+    }
 }
 
 impl Dataplane {
@@ -147,7 +201,12 @@ impl Dataplane {
         wire: Wire,
         private: PrivateKey,
         specs: Vec<WgTunnelSpec>,
+        ipsec: Option<(IpsecWires, Vec<esp::EspTunnelSpec>)>,
     ) -> io::Result<Self> {
+        let (ipsec, esp_specs) = match ipsec {
+            Some((w, s)) => (Some(w), s),
+            None => (None, Vec::new()),
+        };
         let public = private.public_key();
         let rate_limiter = Arc::new(RateLimiter::new(&public.to_dalek(), HANDSHAKE_RATE_LIMIT));
         let listen_port = wire.local_port()?;
@@ -161,6 +220,8 @@ impl Dataplane {
             listen_port,
             drops: Drops::default(),
             ike_tx: std::sync::OnceLock::new(),
+            ipsec,
+            spis: SpiMap::default(),
         };
         let now = Instant::now();
         let mut used = std::collections::HashSet::new();
@@ -177,7 +238,11 @@ impl Dataplane {
                 ))
             })
             .collect();
-        dp.tunnels.store(Arc::new(TunnelTable::new(list)));
+        let esp = esp_specs
+            .into_iter()
+            .map(|s| Arc::new(EspTunnel::new(s)))
+            .collect();
+        dp.tunnels.store(Arc::new(TunnelTable::with_esp(list, esp)));
         Ok(dp)
     }
 
@@ -189,7 +254,11 @@ impl Dataplane {
         };
         let table = self.tunnels.load();
         match table.router.lookup(dst) {
-            Some(&i) => table.list[i].encapsulate(&self.wire, packet, out),
+            Some(&Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out),
+            Some(&Route::Esp(i)) => match &self.ipsec {
+                Some(w) => table.esp[i].encapsulate(&w.natt, packet, out),
+                None => self.drops.add(DropReason::NoRoute),
+            },
             None => self.drops.add(DropReason::NoRoute),
         }
     }
@@ -199,16 +268,55 @@ impl Dataplane {
         match demux::classify(datagram) {
             Ok(Datagram::WireGuard(_)) => self.handle_wireguard(datagram, src, out),
             Ok(Datagram::NatKeepalive) => {}
-            Ok(Datagram::Ike) => match self.ike_tx.get() {
-                // The driver keeps up with IKE's few messages; a full queue means a flood.
-                Some(tx) => {
-                    if tx.try_send((src, datagram[4..].to_vec())).is_err() {
-                        self.drops.add(DropReason::RateLimited);
-                    }
-                }
-                None => self.drops.add(DropReason::UnsupportedProtocol),
-            },
+            Ok(Datagram::Ike) => self.to_ike(src, VIA_SITE, &datagram[4..]),
             Ok(Datagram::Esp) => self.drops.add(DropReason::UnsupportedProtocol),
+            Err(_) => self.drops.add(DropReason::Malformed),
+        }
+    }
+
+    /// Hand an IKE message to the IKE driver.
+    fn to_ike(&self, src: SocketAddr, via: Via, message: &[u8]) {
+        match self.ike_tx.get() {
+            // The driver keeps up with IKE's few messages; a full queue means a flood.
+            Some(tx) => {
+                if tx.try_send((src, via, message.to_vec())).is_err() {
+                    self.drops.add(DropReason::RateLimited);
+                }
+            }
+            None => self.drops.add(DropReason::UnsupportedProtocol),
+        }
+    }
+
+    /// One datagram on UDP 500: plain IKE (RFC 7296 §2).
+    pub fn handle_ike_datagram(&self, datagram: &[u8], src: SocketAddr) {
+        if datagram.len() < 28 {
+            self.drops.add(DropReason::Malformed);
+            return;
+        }
+        self.to_ike(src, VIA_IKE, datagram);
+    }
+
+    /// One datagram on UDP 4500 (RFC 3948): IKE after the non-ESP marker, a NAT
+    /// keepalive, or ESP.
+    pub fn handle_natt_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+        match demux::classify(datagram) {
+            Ok(Datagram::Ike) => self.to_ike(src, VIA_NATT, &datagram[4..]),
+            Ok(Datagram::NatKeepalive) => {}
+            // On 4500 there is no WireGuard: an SPI such as 0x02000000 only looks like it.
+            Ok(Datagram::Esp | Datagram::WireGuard(_)) => {
+                let spi = u32::from_be_bytes([datagram[0], datagram[1], datagram[2], datagram[3]]);
+                let Some((tunnel, child)) = self.spis.get(spi) else {
+                    self.drops.add(DropReason::UnknownPeer);
+                    return;
+                };
+                let tun = &self.tun;
+                let drops = &tunnel.stats.drops;
+                tunnel.decapsulate(&child, datagram, out, &mut |p| {
+                    if tun.send(p).is_err() {
+                        drops.add(DropReason::IoError);
+                    }
+                });
+            }
             Err(_) => self.drops.add(DropReason::Malformed),
         }
     }
@@ -322,11 +430,35 @@ impl Dataplane {
 
     /// Blocking loop: UDP -> tunnels -> TUN.
     pub fn run_udp_reader(self: Arc<Self>) {
+        self.udp_reader(VIA_SITE);
+    }
+
+    /// Blocking loop on UDP 500 (IPsec sites).
+    pub fn run_ike_reader(self: Arc<Self>) {
+        self.udp_reader(VIA_IKE);
+    }
+
+    /// Blocking loop on UDP 4500: ESP -> TUN, IKE -> the driver (IPsec sites).
+    pub fn run_natt_reader(self: Arc<Self>) {
+        self.udp_reader(VIA_NATT);
+    }
+
+    fn udp_reader(&self, via: Via) {
+        let wire = match (via, &self.ipsec) {
+            (VIA_IKE, Some(w)) => &w.ike,
+            (VIA_NATT, Some(w)) => &w.natt,
+            (VIA_SITE, _) => &self.wire,
+            _ => return,
+        };
         let mut buf = vec![0u8; MAX_PACKET];
         let mut out = vec![0u8; MAX_PACKET];
         loop {
-            match self.wire.recv_from(&mut buf) {
-                Ok((n, src)) => self.handle_datagram(&buf[..n], src, &mut out),
+            match wire.recv_from(&mut buf) {
+                Ok((n, src)) => match via {
+                    VIA_IKE => self.handle_ike_datagram(&buf[..n], src),
+                    VIA_NATT => self.handle_natt_datagram(&buf[..n], src, &mut out),
+                    _ => self.handle_datagram(&buf[..n], src, &mut out),
+                },
                 Err(e)
                     if matches!(
                         e.kind(),

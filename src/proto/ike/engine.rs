@@ -141,7 +141,19 @@ pub struct PeerConfig {
     pub timers: Timers,
     /// Where to send IKE_SA_INIT when initiating (None: wait for the peer).
     pub remote_addr: Option<SocketAddr>,
+    /// The shell's path (socket) IKE_SA_INIT goes out on when we initiate; see [`Via`].
+    pub via: Via,
+    /// NAT traversal (RFC 7296 §2.23, RFC 3948): once IKE_SA_INIT is answered, the
+    /// initiator moves to this path and remote port (4500) for the rest of the IKE SA,
+    /// and ESP travels UDP-encapsulated beside it.
+    pub nat_t: Option<(Via, u16)>,
 }
+
+/// Which of the shell's sockets an IKE message came in on or goes out of (e.g. the
+/// site port, UDP 500, UDP 4500). The engine only remembers it per IKE SA, so answers
+/// leave on the path their request arrived on, and requests follow the peer's last
+/// authenticated message.
+pub type Via = u8;
 
 impl std::fmt::Debug for PeerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,6 +280,7 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Transmit {
     pub dst: SocketAddr,
+    pub via: Via,
     pub data: Vec<u8>,
 }
 
@@ -353,6 +366,7 @@ struct IkeSa {
     spi_r: u64,
     state: SaState,
     remote: SocketAddr,
+    via: Via,
     aead: AeadAlg,
     keys: Option<IkeKeys>,
     ni: Vec<u8>,
@@ -403,6 +417,7 @@ impl IkeSa {
             spi_r,
             state,
             remote,
+            via: 0,
             aead,
             keys: None,
             ni: Vec::new(),
@@ -576,6 +591,8 @@ pub struct Endpoint {
     next_child: u64,
     /// Our address as the shell knows it (NAT detection); unspecified is fine.
     local: SocketAddr,
+    /// The path of the datagram being handled (answers go back on it).
+    rx_via: Via,
 }
 
 /// IKE proposals; `pq` adds ML-KEM-768 as additional key exchange 1 (RFC 9370).
@@ -835,6 +852,7 @@ impl Endpoint {
             } else {
                 local
             },
+            rx_via: 0,
         }
     }
 
@@ -876,6 +894,13 @@ impl Endpoint {
             .current
             .and_then(|s| self.sas.get(&s))
             .is_some_and(|sa| sa.pq)
+    }
+
+    /// Where the tunnel's current IKE SA talks to the peer (after any float), and on
+    /// which path: UDP-encapsulated ESP goes to the same address.
+    pub fn remote_of(&self, peer: PeerId) -> Option<(SocketAddr, Via)> {
+        let sa = self.sas.get(&self.peers[peer].current?)?;
+        Some((sa.remote, sa.via))
     }
 
     pub fn ike_sa_info(&self, peer: PeerId) -> Option<(u64, u64, AeadAlg, bool)> {
@@ -953,8 +978,8 @@ impl Endpoint {
         self.events.push_back(e);
     }
 
-    fn send(&mut self, dst: SocketAddr, data: Vec<u8>) {
-        self.transmits.push_back(Transmit { dst, data });
+    fn send(&mut self, dst: SocketAddr, via: Via, data: Vec<u8>) {
+        self.transmits.push_back(Transmit { dst, via, data });
     }
 
     // ---------------------------------------------------------------- commands
@@ -986,6 +1011,7 @@ impl Endpoint {
                 now,
             )
         };
+        sa.via = self.peers[peer].cfg.via;
         let bytes = self.build_init_request(&mut sa);
         sa.init_req = bytes.clone();
         self.start_request(&mut sa, RequestKind::Init, bytes, now);
@@ -1061,7 +1087,7 @@ impl Endpoint {
                             spis: vec![],
                         })],
                     );
-                    self.send(sa.remote, bytes);
+                    self.send(sa.remote, sa.via, bytes);
                 }
                 self.event(Event::IkeDown {
                     peer,
@@ -1196,7 +1222,7 @@ impl Endpoint {
             next_at: now + base,
             retransmits: 0,
         });
-        self.send(sa.remote, bytes);
+        self.send(sa.remote, sa.via, bytes);
     }
 
     fn build_request(&mut self, sa: &mut IkeSa, kind: &RequestKind) -> Option<Vec<u8>> {
@@ -1425,7 +1451,7 @@ impl Endpoint {
             .mul_f64(timers.retransmit_factor.powi(p.retransmits as i32));
         p.next_at = now + wait;
         let bytes = p.bytes.clone();
-        self.send(sa.remote, bytes);
+        self.send(sa.remote, sa.via, bytes);
         true
     }
 
@@ -1452,7 +1478,7 @@ impl Endpoint {
 
     // ---------------------------------------------------------------- input
 
-    /// An IKE message received from `from` (without the non-ESP marker).
+    /// An IKE message received from `from` (without the non-ESP marker) on path 0.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
@@ -1460,6 +1486,19 @@ impl Endpoint {
         data: &[u8],
         rng: &mut dyn Rng,
     ) {
+        self.handle_datagram_via(now, from, 0, data, rng);
+    }
+
+    /// An IKE message received from `from` on the shell's path `via`.
+    pub fn handle_datagram_via(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        via: Via,
+        data: &[u8],
+        rng: &mut dyn Rng,
+    ) {
+        self.rx_via = via;
         let header = match Header::decode(data) {
             Ok(h) => h,
             Err(e) => {
@@ -1522,7 +1561,7 @@ impl Endpoint {
         {
             if sa.init_req == data {
                 let resp = sa.init_resp.clone();
-                self.send(from, resp);
+                self.send(from, self.rx_via, resp);
             }
             return;
         }
@@ -1564,7 +1603,7 @@ impl Endpoint {
                     data,
                 })],
             );
-            this.send(from, bytes);
+            this.send(from, this.rx_via, bytes);
         };
         if msg
             .payloads
@@ -1635,7 +1674,7 @@ impl Endpoint {
             length: 0,
         };
         let resp = Message::encode_plain(h, &payloads);
-        self.send(from, resp.clone());
+        self.send(from, self.rx_via, resp.clone());
         self.sas.insert(
             spi_r,
             IkeSa {
@@ -1646,6 +1685,7 @@ impl Endpoint {
                 init_resp: resp,
                 peer_next_id: 1,
                 pq,
+                via: self.rx_via,
                 ..IkeSa::blank(
                     None,
                     false,
@@ -1754,6 +1794,11 @@ impl Endpoint {
         sa.dh = None;
         sa.init_resp = data.to_vec();
         sa.remote = from;
+        if let Some((via, port)) = self.peers[peer].cfg.nat_t {
+            // Float (RFC 7296 §2.23): everything after IKE_SA_INIT uses the NAT-T port.
+            sa.via = via;
+            sa.remote.set_port(port);
+        }
         sa.last_rx = now;
         sa.pending = None;
         sa.next_id = 1;
@@ -1823,7 +1868,7 @@ impl Endpoint {
             if let Some((id, resp)) = &sa.last_response {
                 if header.message_id == *id {
                     let resp = resp.clone();
-                    self.send(from, resp);
+                    self.send(from, self.rx_via, resp);
                     return true;
                 }
             }
@@ -1853,6 +1898,7 @@ impl Endpoint {
         if let Some(peer) = sa.peer {
             if self.peers[peer].current == Some(sa.our_spi()) {
                 sa.remote = from;
+                sa.via = self.rx_via;
             }
         }
         if inner
@@ -1899,7 +1945,7 @@ impl Endpoint {
         let bytes = sa.seal(header.exchange, header.message_id, true, inner);
         sa.last_response = Some((header.message_id, bytes.clone()));
         sa.peer_next_id = header.message_id.wrapping_add(1);
-        self.send(to, bytes);
+        self.send(to, self.rx_via, bytes);
     }
 
     // ---------------------------------------------------------------- responses to our requests
@@ -2407,6 +2453,7 @@ impl Endpoint {
             keys: Some(keys),
             // Keys descend from the old SK_d: a post-quantum SA stays one.
             pq: sa.pq,
+            via: sa.via,
             ni: ni.to_vec(),
             nr: nr.to_vec(),
             ..IkeSa::blank(
@@ -2643,6 +2690,7 @@ impl Endpoint {
         sa.state = SaState::Established;
         sa.created = now;
         sa.remote = from;
+        sa.via = self.rx_via;
         // The CHILD SA.
         let (ts_i, ts_r) = ts_of(inner);
         let proposal =
@@ -2913,6 +2961,7 @@ impl Endpoint {
             keys: Some(keys),
             // Keys descend from the old SK_d: a post-quantum SA stays one.
             pq: sa.pq,
+            via: self.rx_via,
             ni: ni.to_vec(),
             nr,
             ..IkeSa::blank(

@@ -1,0 +1,335 @@
+//! IPsec tunnels in the packet path: ESP (RFC 4303) sealed and opened in userspace and
+//! carried in UDP on port 4500 (RFC 3948). The IKE driver installs and removes CHILD SAs;
+//! the packet threads only look them up.
+//!
+//! - Outbound uses the tunnel's newest CHILD SA; every live CHILD SA keeps receiving
+//!   until IKE deletes it, so a rekey loses nothing (make-before-break).
+//! - Inbound packets are found by SPI in a site-wide map, checked against the CHILD SA's
+//!   negotiated selectors after decryption, then written to the TUN.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ipnet::IpNet;
+
+use super::stats::{DropReason, TunnelStats};
+use super::Wire;
+use crate::config::{Dpd, Endpoint, StartAction};
+use crate::proto::esp::{self, EspSa, OpenError, SealError};
+use crate::proto::ike::crypto::AeadAlg;
+use crate::proto::ike::wire::TrafficSelector;
+
+/// What an IPsec tunnel is configured to be (keys already loaded).
+#[derive(Clone)]
+pub struct EspTunnelSpec {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub local_subnets: Vec<IpNet>,
+    pub remote_subnets: Vec<IpNet>,
+    pub psk: zeroize::Zeroizing<Vec<u8>>,
+    pub local_id: String,
+    pub remote_id: String,
+    /// IKE SA ciphers in preference order (PRF HMAC-SHA2-256, X25519).
+    pub ike_aeads: Vec<AeadAlg>,
+    /// ESP ciphers in preference order.
+    pub esp_aeads: Vec<AeadAlg>,
+    /// A fresh X25519 exchange in every CHILD SA rekey (an ESP proposal named a DH group).
+    pub esp_pfs: bool,
+    pub rekey_interval: Duration,
+    pub dpd: Dpd,
+    pub start_action: StartAction,
+    /// Config line, for messages.
+    pub line: usize,
+}
+
+impl std::fmt::Debug for EspTunnelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EspTunnelSpec")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints)
+            .field("local_subnets", &self.local_subnets)
+            .field("remote_subnets", &self.remote_subnets)
+            .field("psk", &"<redacted>")
+            .field("local_id", &self.local_id)
+            .field("remote_id", &self.remote_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One CHILD SA in the data plane.
+pub struct ChildSa {
+    /// The IKE engine's id of the CHILD SA.
+    pub id: u64,
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub aead: AeadAlg,
+    sa: Mutex<EspSa>,
+    /// Inner sources accepted from the peer (its negotiated selectors).
+    remote_ts: Vec<TrafficSelector>,
+    /// Inner sources we may send from (our negotiated selectors).
+    local_ts: Vec<TrafficSelector>,
+}
+
+impl ChildSa {
+    pub fn new(
+        id: u64,
+        sa: EspSa,
+        aead: AeadAlg,
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Self {
+        Self {
+            id,
+            spi_in: sa.spi_in(),
+            spi_out: sa.spi_out(),
+            aead,
+            sa: Mutex::new(sa),
+            remote_ts,
+            local_ts,
+        }
+    }
+
+    /// Sequence numbers sent so far.
+    pub fn sent(&self) -> u64 {
+        lock(&self.sa).next_seq() - 1
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An IPsec tunnel.
+pub struct EspTunnel {
+    pub spec: EspTunnelSpec,
+    pub stats: TunnelStats,
+    /// Live CHILD SAs, newest last; the newest carries outbound traffic.
+    children: ArcSwap<Vec<Arc<ChildSa>>>,
+    /// Where ESP goes: the IKE SA's peer address on port 4500.
+    remote: ArcSwapOption<SocketAddr>,
+    resolved: Mutex<Vec<Option<SocketAddr>>>,
+    /// Traffic wanted a CHILD SA that is not there (`start_action = "trap"`).
+    pub wants_sa: AtomicBool,
+    /// The outbound sequence number nears its limit: rekey now.
+    pub wants_rekey: AtomicBool,
+    /// `dpd.action = "clear"` fired: the tunnel stays down until the peer comes back.
+    pub cleared: AtomicBool,
+    /// IKE state as last published by the IKE driver.
+    pub ike_status: Mutex<Option<crate::ikewg::IkeStatus>>,
+    /// Unix time of the latest CHILD SA installed, in nanoseconds (0 = never).
+    last_child_ns: std::sync::atomic::AtomicU64,
+}
+
+impl EspTunnel {
+    pub fn new(spec: EspTunnelSpec) -> Self {
+        let resolved = spec
+            .endpoints
+            .iter()
+            .map(|e| match e {
+                Endpoint::Addr(a) => Some(*a),
+                Endpoint::Host { .. } => None,
+            })
+            .collect();
+        Self {
+            spec,
+            stats: TunnelStats::default(),
+            children: ArcSwap::from_pointee(Vec::new()),
+            remote: ArcSwapOption::empty(),
+            resolved: Mutex::new(resolved),
+            wants_sa: AtomicBool::new(false),
+            wants_rekey: AtomicBool::new(false),
+            cleared: AtomicBool::new(false),
+            ike_status: Mutex::new(None),
+            last_child_ns: Default::default(),
+        }
+    }
+
+    /// The first configured endpoint that resolves (IKE_SA_INIT goes there).
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        lock(&self.resolved).iter().flatten().next().copied()
+    }
+
+    pub fn set_resolved(&self, resolved: Vec<Option<SocketAddr>>) {
+        *lock(&self.resolved) = resolved;
+    }
+
+    /// The peer address ESP is sent to (None: no IKE SA).
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.remote.load().as_deref().copied()
+    }
+
+    pub fn set_remote(&self, addr: Option<SocketAddr>) {
+        if self.remote() != addr {
+            self.remote.store(addr.map(Arc::new));
+        }
+    }
+
+    pub fn children(&self) -> Arc<Vec<Arc<ChildSa>>> {
+        self.children.load_full()
+    }
+
+    /// Unix time of the newest CHILD SA (seconds, nanoseconds); (0, 0) if never.
+    pub fn last_handshake(&self) -> (u64, u32) {
+        let ns = self.last_child_ns.load(Relaxed);
+        (ns / 1_000_000_000, (ns % 1_000_000_000) as u32)
+    }
+
+    /// Up: a CHILD SA carries traffic.
+    pub fn is_up(&self) -> bool {
+        !self.children.load().is_empty()
+    }
+
+    /// A new CHILD SA: it carries outbound traffic from now on.
+    pub fn install(&self, child: Arc<ChildSa>) {
+        self.children.rcu(|cur| {
+            let mut v: Vec<Arc<ChildSa>> =
+                cur.iter().filter(|c| c.id != child.id).cloned().collect();
+            v.push(child.clone());
+            v
+        });
+        self.wants_rekey.store(false, Relaxed);
+        self.wants_sa.store(false, Relaxed);
+        self.cleared.store(false, Relaxed);
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.last_child_ns.store(ns, Relaxed);
+    }
+
+    /// A CHILD SA is gone; returns its inbound SPI.
+    pub fn remove(&self, id: u64) -> Option<u32> {
+        let mut spi = None;
+        self.children.rcu(|cur| {
+            spi = cur.iter().find(|c| c.id == id).map(|c| c.spi_in);
+            cur.iter()
+                .filter(|c| c.id != id)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        spi
+    }
+
+    /// Every CHILD SA is gone; returns their inbound SPIs.
+    pub fn clear(&self) -> Vec<u32> {
+        let old = self.children.swap(Arc::new(Vec::new()));
+        old.iter().map(|c| c.spi_in).collect()
+    }
+
+    /// A plaintext IP packet from the TUN, routed to this tunnel.
+    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+        self.stats.tx_inner_packets.fetch_add(1, Relaxed);
+        let children = self.children.load();
+        let Some(child) = children.last() else {
+            if self.spec.start_action == StartAction::Trap && !self.cleared.load(Relaxed) {
+                self.wants_sa.store(true, Relaxed);
+            }
+            self.stats.drops.add(DropReason::NoKeys);
+            return;
+        };
+        let Some(dst) = self.remote() else {
+            self.stats.drops.add(DropReason::NoEndpoint);
+            return;
+        };
+        if !esp::inner_allowed(packet, &child.local_ts) {
+            // The negotiated selectors are narrower than the route that led here.
+            self.stats.drops.add(DropReason::NoRoute);
+            return;
+        }
+        let sealed = {
+            let mut sa = lock(&child.sa);
+            let r = sa.seal(packet, out);
+            if sa.needs_rekey() {
+                self.wants_rekey.store(true, Relaxed);
+            }
+            r
+        };
+        match sealed {
+            Ok(n) => match wire.send_to(&out[..n], dst) {
+                Ok(_) => self.stats.count_tx(n),
+                Err(_) => self.stats.drops.add(DropReason::IoError),
+            },
+            Err(SealError::SeqExhausted) => {
+                self.wants_rekey.store(true, Relaxed);
+                self.stats.drops.add(DropReason::NoKeys);
+            }
+            Err(_) => self.stats.drops.add(DropReason::Malformed),
+        }
+    }
+
+    /// An ESP packet (the UDP payload) for `child` of this tunnel. Authentic packets whose
+    /// inner source is inside the peer's selectors are handed to `deliver`.
+    pub fn decapsulate(
+        &self,
+        child: &ChildSa,
+        datagram: &[u8],
+        out: &mut [u8],
+        deliver: &mut dyn FnMut(&[u8]),
+    ) {
+        let opened = lock(&child.sa).open(datagram, out);
+        match opened {
+            Ok((n, _)) => {
+                self.stats.count_rx(datagram.len());
+                let inner = &out[..n];
+                if !esp::inner_allowed(inner, &child.remote_ts) {
+                    self.stats.drops.add(DropReason::SourceNotAllowed);
+                    return;
+                }
+                self.stats.rx_inner_packets.fetch_add(1, Relaxed);
+                deliver(inner);
+            }
+            // Authentic traffic-flow-confidentiality padding: the peer is alive.
+            Err(OpenError::Dummy) => self.stats.count_rx(datagram.len()),
+            Err(OpenError::Truncated | OpenError::BadNextHeader | OpenError::BadPadding) => {
+                self.stats.drops.add(DropReason::Malformed)
+            }
+            Err(_) => self.stats.drops.add(DropReason::DecryptFailed),
+        }
+    }
+}
+
+/// A CHILD SA and the tunnel it belongs to.
+type Inbound = (Arc<EspTunnel>, Arc<ChildSa>);
+
+/// Inbound SPIs of every IPsec tunnel of the site, for the UDP thread.
+#[derive(Default)]
+pub struct SpiMap(ArcSwap<HashMap<u32, Inbound>>);
+
+impl SpiMap {
+    pub fn get(&self, spi: u32) -> Option<Inbound> {
+        self.0.load().get(&spi).cloned()
+    }
+
+    pub fn insert(&self, tunnel: &Arc<EspTunnel>, child: &Arc<ChildSa>) {
+        self.0.rcu(|cur| {
+            let mut m = HashMap::clone(cur);
+            m.insert(child.spi_in, (tunnel.clone(), child.clone()));
+            m
+        });
+    }
+
+    pub fn remove(&self, spis: &[u32]) {
+        if spis.is_empty() {
+            return;
+        }
+        self.0.rcu(|cur| {
+            let mut m = HashMap::clone(cur);
+            for s in spis {
+                m.remove(s);
+            }
+            m
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
