@@ -501,6 +501,7 @@ impl Driver {
             }
             if let Kind::Esp(t) = &self.tunnels[p].kind {
                 t.set_remote(self.esp_remote(p));
+                t.switch_to_newest();
                 if t.wants_rekey.swap(false, Relaxed) && self.ep.is_established(p) {
                     tracing::info!(tunnel = %t.spec.name, "ESP sequence numbers nearly used up: rekeying the CHILD SA");
                     self.ep.rekey_child(p, now, &mut self.rng);
@@ -620,7 +621,7 @@ impl Driver {
                         self.dp.spis.insert(esp, &c);
                         esp.stats.handshakes.fetch_add(1, Relaxed);
                         esp.set_remote(remote);
-                        esp.install(c);
+                        esp.install(c, child.initiator);
                     }
                     _ => return,
                 }

@@ -2,16 +2,22 @@
 //! carried in UDP on port 4500 (RFC 3948). The IKE driver installs and removes CHILD SAs;
 //! the packet threads only look them up.
 //!
-//! - Outbound uses the tunnel's newest CHILD SA; every live CHILD SA keeps receiving
-//!   until IKE deletes it, so a rekey loses nothing (make-before-break).
+//! - Every live CHILD SA keeps receiving until IKE deletes it. Outbound moves to a new
+//!   CHILD SA at once when we made it (the peer had its keys first); when the peer made
+//!   it, only once the peer's first packet arrives on it (or after [`SWITCH_AFTER`]),
+//!   since our answer may still be on its way to the peer. A rekey loses nothing.
 //! - Inbound packets are found by SPI in a site-wide map, checked against the CHILD SA's
 //!   negotiated selectors after decryption, then written to the TUN.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// A CHILD SA the peer made carries our outbound traffic after this long even if nothing
+/// arrived on it.
+pub const SWITCH_AFTER: Duration = Duration::from_secs(1);
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
@@ -72,6 +78,7 @@ pub struct ChildSa {
     remote_ts: Vec<TrafficSelector>,
     /// Inner sources we may send from (our negotiated selectors).
     local_ts: Vec<TrafficSelector>,
+    installed: Instant,
 }
 
 impl ChildSa {
@@ -90,6 +97,7 @@ impl ChildSa {
             sa: Mutex::new(sa),
             remote_ts,
             local_ts,
+            installed: Instant::now(),
         }
     }
 
@@ -107,8 +115,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EspTunnel {
     pub spec: EspTunnelSpec,
     pub stats: TunnelStats,
-    /// Live CHILD SAs, newest last; the newest carries outbound traffic.
+    /// Live CHILD SAs, newest last.
     children: ArcSwap<Vec<Arc<ChildSa>>>,
+    /// The CHILD SA that carries outbound traffic (the newest if it is gone).
+    out_id: AtomicU64,
     /// Where ESP goes: the IKE SA's peer address on port 4500.
     remote: ArcSwapOption<SocketAddr>,
     resolved: Mutex<Vec<Option<SocketAddr>>>,
@@ -138,6 +148,7 @@ impl EspTunnel {
             spec,
             stats: TunnelStats::default(),
             children: ArcSwap::from_pointee(Vec::new()),
+            out_id: AtomicU64::new(0),
             remote: ArcSwapOption::empty(),
             resolved: Mutex::new(resolved),
             wants_sa: AtomicBool::new(false),
@@ -183,8 +194,13 @@ impl EspTunnel {
         !self.children.load().is_empty()
     }
 
-    /// A new CHILD SA: it carries outbound traffic from now on.
-    pub fn install(&self, child: Arc<ChildSa>) {
+    /// A new CHILD SA. `ours`: we made it, so the peer has its keys and outbound traffic
+    /// moves to it now; otherwise it moves once the peer uses it.
+    pub fn install(&self, child: Arc<ChildSa>, ours: bool) {
+        let first = self.children.load().is_empty();
+        if ours || first {
+            self.out_id.store(child.id, Relaxed);
+        }
         self.children.rcu(|cur| {
             let mut v: Vec<Arc<ChildSa>> =
                 cur.iter().filter(|c| c.id != child.id).cloned().collect();
@@ -220,11 +236,27 @@ impl EspTunnel {
         old.iter().map(|c| c.spi_in).collect()
     }
 
+    /// Move outbound traffic to the newest CHILD SA if the peer made it more than
+    /// [`SWITCH_AFTER`] ago (called about once a second).
+    pub fn switch_to_newest(&self) {
+        if let Some(c) = self.children.load().last() {
+            if c.id > self.out_id.load(Relaxed) && c.installed.elapsed() >= SWITCH_AFTER {
+                self.out_id.store(c.id, Relaxed);
+            }
+        }
+    }
+
     /// A plaintext IP packet from the TUN, routed to this tunnel.
     pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
         self.stats.tx_inner_packets.fetch_add(1, Relaxed);
         let children = self.children.load();
-        let Some(child) = children.last() else {
+        let out_id = self.out_id.load(Relaxed);
+        let chosen = children
+            .iter()
+            .rev()
+            .find(|c| c.id == out_id)
+            .or(children.last());
+        let Some(child) = chosen else {
             if self.spec.start_action == StartAction::Trap && !self.cleared.load(Relaxed) {
                 self.wants_sa.store(true, Relaxed);
             }
@@ -274,6 +306,10 @@ impl EspTunnel {
         match opened {
             Ok((n, _)) => {
                 self.stats.count_rx(datagram.len());
+                if child.id > self.out_id.load(Relaxed) {
+                    // The peer sends on the CHILD SA it made: it has our answer, follow.
+                    self.out_id.fetch_max(child.id, Relaxed);
+                }
                 let inner = &out[..n];
                 if !esp::inner_allowed(inner, &child.remote_ts) {
                     self.stats.drops.add(DropReason::SourceNotAllowed);
