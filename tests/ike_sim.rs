@@ -71,6 +71,9 @@ struct Side {
     frozen: bool,
 }
 
+/// A datagram on the simulated wire: (to side, from addr, path, data).
+type InFlight = (usize, SocketAddr, u8, Vec<u8>);
+
 struct Sim {
     t0: Instant,
     now: Instant,
@@ -79,7 +82,7 @@ struct Sim {
     link: Link,
     sides: [Side; 2],
     /// (deliver at, seq) -> (to side, from addr, path, data)
-    wire: BTreeMap<(Instant, u64), (usize, SocketAddr, u8, Vec<u8>)>,
+    wire: BTreeMap<(Instant, u64), InFlight>,
     /// Every datagram sent: (side, path, destination port, exchange type, is response).
     sent: Vec<(usize, u8, u16, u8, bool)>,
     seq: u64,
