@@ -91,6 +91,9 @@ pub fn identity(s: &str) -> Identity {
     Identity { ty, data }
 }
 
+/// An idle IPsec tunnel sends a NAT-T keepalive this often (strongSwan's default).
+const NATT_KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// Pause after a failed negotiation before the tunnel initiates again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
@@ -205,6 +208,9 @@ struct Tunnel {
     dead: bool,
     /// No new initiation before this (after a failure).
     retry_at: Option<Instant>,
+    /// IPsec: ESP datagrams sent as of the last check, and when that count last moved
+    /// (NAT-T keepalives go out when it stands still).
+    last_tx: (u64, Instant),
 }
 
 impl Tunnel {
@@ -321,6 +327,7 @@ impl Driver {
                 last_error: None,
                 dead: false,
                 retry_at: None,
+                last_tx: (0, Instant::now()),
             });
         }
         for t in &table.esp {
@@ -352,6 +359,7 @@ impl Driver {
                 last_error: None,
                 dead: false,
                 retry_at: None,
+                last_tx: (0, Instant::now()),
             });
         }
         if peers.is_empty() {
@@ -500,8 +508,23 @@ impl Driver {
                 self.ep.note_peer_activity(p, now);
             }
             if let Kind::Esp(t) = &self.tunnels[p].kind {
-                t.set_remote(self.esp_remote(p));
+                let remote = self.esp_remote(p);
+                t.set_remote(remote);
                 t.switch_to_newest();
+                // RFC 3948 §4: keep NAT mappings for the 4500 flow alive while idle.
+                let tx = t.stats.tx_packets.load(Relaxed);
+                let (seen, since) = self.tunnels[p].last_tx;
+                if tx != seen {
+                    self.tunnels[p].last_tx = (tx, now);
+                } else if now.duration_since(since) >= NATT_KEEPALIVE && t.is_up() {
+                    if let (Some(w), Some(to)) = (&self.dp.ipsec, remote) {
+                        let _ = w.natt.send_to(&[0xff], to);
+                    }
+                    self.tunnels[p].last_tx = (tx, now);
+                }
+                let Kind::Esp(t) = &self.tunnels[p].kind else {
+                    continue;
+                };
                 if t.wants_rekey.swap(false, Relaxed) && self.ep.is_established(p) {
                     tracing::info!(tunnel = %t.spec.name, "ESP sequence numbers nearly used up: rekeying the CHILD SA");
                     self.ep.rekey_child(p, now, &mut self.rng);
