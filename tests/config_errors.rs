@@ -574,7 +574,11 @@ start_action = "now"
             "expected 1s to 65535s",
         ),
         (19, "tunnel[1].local_id", "missing required key `local_id`"),
-        (19, "tunnel[1].remote_id", "missing required key `remote_id`"),
+        (
+            19,
+            "tunnel[1].remote_id",
+            "missing required key `remote_id`",
+        ),
         (
             22,
             "tunnel[1].keying",

@@ -6,49 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::site::{tunnel_status, wait_tunnel_up};
+use support::site::{tunnel_status, wait_tunnel_up, IpsecSite};
 use support::{prereq, wait_until, write_file_0600, Proc, Site, Topo};
-
-/// A site with one IPsec tunnel.
-struct IpsecSite<'a> {
-    name: &'a str,
-    iface: &'a str,
-    port: u16,
-    key: &'a str,
-    psk: &'a str,
-    endpoint: Option<String>,
-    local: &'a str,
-    remote: &'a str,
-    local_id: &'a str,
-    remote_id: &'a str,
-    extra: &'a str,
-}
-
-impl IpsecSite<'_> {
-    fn render(&self) -> String {
-        let endpoint = self
-            .endpoint
-            .as_ref()
-            .map(|e| format!("endpoint = [\"{e}\"]\n"))
-            .unwrap_or_default();
-        format!(
-            "[site]\nname = \"{}\"\ninterface = \"{}\"\nlisten_port = {}\nprivate_key = \"{}\"\n\n\
-             [[tunnel]]\nname = \"hq\"\nprotocol = \"ipsec\"\n{endpoint}\
-             local_subnets = [\"{}\"]\nremote_subnets = [\"{}\"]\npsk = \"{}\"\n\
-             local_id = \"{}\"\nremote_id = \"{}\"\n{}\n",
-            self.name,
-            self.iface,
-            self.port,
-            self.key,
-            self.local,
-            self.remote,
-            self.psk,
-            self.local_id,
-            self.remote_id,
-            self.extra
-        )
-    }
-}
 
 struct Pair {
     t: Topo,

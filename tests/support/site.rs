@@ -138,3 +138,44 @@ impl SiteConfig<'_> {
         )
     }
 }
+
+/// A site with one IPsec tunnel named `hq` (`extra` adds keys to the tunnel).
+pub struct IpsecSite<'a> {
+    pub name: &'a str,
+    pub iface: &'a str,
+    pub port: u16,
+    pub key: &'a str,
+    pub psk: &'a str,
+    pub endpoint: Option<String>,
+    pub local: &'a str,
+    pub remote: &'a str,
+    pub local_id: &'a str,
+    pub remote_id: &'a str,
+    pub extra: &'a str,
+}
+
+impl IpsecSite<'_> {
+    pub fn render(&self) -> String {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .map(|e| format!("endpoint = [\"{e}\"]\n"))
+            .unwrap_or_default();
+        format!(
+            "[site]\nname = \"{}\"\ninterface = \"{}\"\nlisten_port = {}\nprivate_key = \"{}\"\n\n\
+             [[tunnel]]\nname = \"hq\"\nprotocol = \"ipsec\"\n{endpoint}\
+             local_subnets = [\"{}\"]\nremote_subnets = [\"{}\"]\npsk = \"{}\"\n\
+             local_id = \"{}\"\nremote_id = \"{}\"\n{}\n",
+            self.name,
+            self.iface,
+            self.port,
+            self.key,
+            self.local,
+            self.remote,
+            self.psk,
+            self.local_id,
+            self.remote_id,
+            self.extra
+        )
+    }
+}
