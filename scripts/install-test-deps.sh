@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # install-test-deps.sh - install what the integration tests need (run as root).
 #
-# Idempotent: apt is skipped when every required binary is already on PATH, and
-# cargo-nextest / cargo-deb are only built when missing.
+# Idempotent: apt is skipped when every required binary is already on PATH and every file in
+# PKG_OF_FILE exists; cargo-nextest / cargo-deb are only built when missing.
 set -euo pipefail
 
 # binary -> Debian package that provides it
@@ -25,12 +25,29 @@ declare -A PKG_OF=(
   # metrics tests: a real Prometheus scraping the daemons, promtool for rules and metrics
   [prometheus]=prometheus
   [promtool]=prometheus
+  # strongSwan interop peer (tests/support/strongswan.rs)
+  [swanctl]=strongswan-swanctl
+)
+
+# files that are not binaries on PATH -> package (charon lives in /usr/lib/ipsec; the plugins the
+# strongSwan harness loads: kernel-libipsec is userspace ESP, openssl has x25519/chacha20poly1305,
+# gcm has AES-GCM)
+declare -A PKG_OF_FILE=(
+  [/usr/lib/ipsec/charon]=strongswan-charon
+  [/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so]=libcharon-extra-plugins
+  [/usr/lib/ipsec/plugins/libstrongswan-openssl.so]=libstrongswan-standard-plugins
+  [/usr/lib/ipsec/plugins/libstrongswan-gcm.so]=libstrongswan-standard-plugins
 )
 
 missing_pkgs=()
 for bin in "${!PKG_OF[@]}"; do
   if ! command -v "$bin" >/dev/null 2>&1; then
     missing_pkgs+=("${PKG_OF[$bin]}")
+  fi
+done
+for file in "${!PKG_OF_FILE[@]}"; do
+  if [[ ! -e $file ]]; then
+    missing_pkgs+=("${PKG_OF_FILE[$file]}")
   fi
 done
 
@@ -46,7 +63,8 @@ if ((${#missing_pkgs[@]} > 0)); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
     iproute2 iputils-ping iperf3 wireguard-go wireguard-tools procps jq \
-    systemd man-db dpkg-dev util-linux prometheus
+    systemd man-db dpkg-dev util-linux prometheus \
+    strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
 else
   echo "install-test-deps: all test binaries present, skipping apt" >&2
 fi

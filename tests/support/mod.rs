@@ -20,6 +20,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod site;
+pub mod strongswan;
 pub mod traffic;
 pub mod wg;
 
