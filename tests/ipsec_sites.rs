@@ -2,6 +2,7 @@
 //! IKE on 500 floating to 4500, ESP in UDP on 4500, rekeys without loss, clear errors for
 //! a wrong PSK and for selectors that do not match.
 
+mod metrics_support;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -46,7 +47,11 @@ fn pair(tag: &str, extra: &str, b_psk_differs: bool, b_local: Option<&str>) -> P
         remote: &t.subnet_b,
         local_id: "a.sitewire.test",
         remote_id: "b.sitewire.test",
-        extra,
+        extra: &format!(
+            "{extra}\n\n[metrics]\nlisten = \"{}:{}\"",
+            t.underlay_a,
+            t.port(1)
+        ),
     }
     .render();
     let cfg_b = IpsecSite {
@@ -147,6 +152,25 @@ fn esp_tunnel_carries_traffic_and_rekeys_without_loss() {
     assert!(sb["rx_packets"].as_u64().unwrap() > 2000, "{sb}");
     assert_eq!(sa["drops"].get("decrypt_failed"), None, "{sa}");
     assert_eq!(sb["drops"].get("decrypt_failed"), None, "{sb}");
+
+    // The same metric families as WireGuard tunnels, so one dashboard shows both.
+    let addr = format!("{}:{}", t.underlay_a, t.port(1));
+    let (status, _, body) = metrics_support::http_get(&t.ns_a, &addr, "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    let samples = metrics_support::parse_samples(&body);
+    let get = |k: &str| {
+        *samples
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in:\n{body}"))
+    };
+    assert_eq!(
+        get("sitewire_tunnel_info{tunnel=\"hq\",protocol=\"ipsec\",keying=\"ike\"}"),
+        1.0
+    );
+    assert_eq!(get("sitewire_tunnel_up{tunnel=\"hq\"}"), 1.0);
+    assert!(get("sitewire_tunnel_rekeys_total{tunnel=\"hq\",result=\"success\"}") >= 3.0);
+    assert!(get("sitewire_tunnel_tx_packets_total{tunnel=\"hq\"}") > 2000.0);
+    assert!(get("sitewire_tunnel_rtt_seconds_count{tunnel=\"hq\",source=\"ike\"}") >= 1.0);
 }
 
 #[test]

@@ -213,6 +213,8 @@ fn charon_rekeys_every_10s_under_100_pings_per_second_without_loss() {
     conn.start_action = StartAction::Start;
     conn.keyingtries = 0;
     conn.child_rekey_time = Duration::from_secs(10);
+    // The IKE SA is rekeyed under the same load too.
+    conn.ike_rekey_time = Duration::from_secs(25);
     let x = start(&t, conn, "start_action = \"none\"", None);
     x.wait_up(Duration::from_secs(20));
     x.ping_both_ways();
@@ -231,6 +233,10 @@ fn charon_rekeys_every_10s_under_100_pings_per_second_without_loss() {
     assert!(rekeys >= 5, "only {rekeys} rekeys in 60 s");
     assert_eq!(received, sent, "lost {} pings", sent - received);
     assert!(x.charon.log().contains("CHILD_REKEY"));
+    let ike_rekeys = x.sw.log().matches("rekey=true suite=").count();
+    eprintln!("{ike_rekeys} IKE SA rekeys by charon");
+    assert!(ike_rekeys >= 2, "{}", x.charon.log_tail(40));
+    assert_eq!(x.ike()["state"], "established");
     x.check_sas_agree();
 }
 

@@ -369,3 +369,136 @@ impl SpiMap {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DpdAction;
+    use crate::proto::ike::wire::ts_from_subnet;
+
+    fn tunnel() -> EspTunnel {
+        EspTunnel::new(EspTunnelSpec {
+            name: "hq".into(),
+            endpoints: Vec::new(),
+            local_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+            remote_subnets: vec!["10.2.0.0/24".parse().unwrap()],
+            psk: zeroize::Zeroizing::new(vec![7; 32]),
+            local_id: "a".into(),
+            remote_id: "b".into(),
+            ike_aeads: vec![AeadAlg::AesGcm16 { key_bits: 256 }],
+            esp_aeads: vec![AeadAlg::AesGcm16 { key_bits: 256 }],
+            esp_pfs: false,
+            rekey_interval: Duration::from_secs(60),
+            dpd: Dpd {
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(30),
+                action: DpdAction::Restart,
+            },
+            start_action: StartAction::Start,
+            line: 1,
+        })
+    }
+
+    fn child(id: u64, spi_in: u32, spi_out: u32, seq: u64) -> Arc<ChildSa> {
+        let aead = AeadAlg::AesGcm16 { key_bits: 256 };
+        let mut sa = EspSa::new(spi_out, &[1; 36], spi_in, &[2; 36], aead).unwrap();
+        sa.set_next_seq(seq);
+        Arc::new(ChildSa::new(
+            id,
+            sa,
+            aead,
+            vec![ts_from_subnet("10.1.0.0/24".parse().unwrap())],
+            vec![ts_from_subnet("10.2.0.0/24".parse().unwrap())],
+        ))
+    }
+
+    /// A minimal IPv4/UDP packet from 10.1.0.1 to 10.2.0.1.
+    fn packet() -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 1, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 2, 0, 1]);
+        p
+    }
+
+    /// Loopback socket pair: our wire and the "peer" that receives the ESP.
+    fn wire() -> (Wire, std::net::UdpSocket) {
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        (Wire::bind(0).unwrap(), peer)
+    }
+
+    #[test]
+    fn sequence_numbers_running_out_ask_for_a_rekey_then_stop_sending() {
+        let t = tunnel();
+        let (w, peer) = wire();
+        t.set_remote(Some(peer.local_addr().unwrap()));
+        let mut out = vec![0u8; 2048];
+        t.install(child(1, 0x1000, 0x2000, esp::SEQ_SOFT_LIMIT - 1), true);
+        t.encapsulate(&w, &packet(), &mut out);
+        assert_eq!(t.stats.tx_packets.load(Relaxed), 1);
+        assert!(
+            t.wants_rekey.load(Relaxed),
+            "soft limit reached: rekey wanted"
+        );
+        // At the hard limit nothing more goes out on this SA.
+        t.install(child(2, 0x1001, 0x2001, esp::SEQ_HARD_LIMIT + 1), true);
+        t.encapsulate(&w, &packet(), &mut out);
+        assert_eq!(t.stats.tx_packets.load(Relaxed), 1);
+        assert_eq!(t.stats.drops.get(DropReason::NoKeys), 1);
+        // A fresh CHILD SA clears the request and carries traffic again.
+        t.install(child(3, 0x1002, 0x2002, 1), true);
+        assert!(!t.wants_rekey.load(Relaxed));
+        t.encapsulate(&w, &packet(), &mut out);
+        assert_eq!(t.stats.tx_packets.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn outbound_follows_a_peer_made_sa_only_once_the_peer_uses_it() {
+        let t = tunnel();
+        let (w, peer) = wire();
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        t.set_remote(Some(peer.local_addr().unwrap()));
+        let mut out = vec![0u8; 2048];
+        let old = child(1, 0x1000, 0x2000, 1);
+        t.install(old, true);
+        // The peer made SA 2 (we answered its CREATE_CHILD_SA).
+        let new = child(2, 0x1001, 0x2001, 1);
+        t.install(new.clone(), false);
+        let mut buf = [0u8; 2048];
+        t.encapsulate(&w, &packet(), &mut out);
+        let (n, _) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..4], &0x2000u32.to_be_bytes(), "still on the old SA");
+        // A packet from the peer on SA 2 (sealed with the peer's keys = our inbound key).
+        let aead = AeadAlg::AesGcm16 { key_bits: 256 };
+        let mut peer_sa = EspSa::new(0x1001, &[2; 36], 0x2001, &[1; 36], aead).unwrap();
+        let mut inner = packet();
+        inner[12..16].copy_from_slice(&[10, 2, 0, 1]);
+        inner[16..20].copy_from_slice(&[10, 1, 0, 1]);
+        let mut esp_pkt = vec![0u8; 2048];
+        let len = peer_sa.seal(&inner, &mut esp_pkt).unwrap();
+        let mut delivered = 0;
+        t.decapsulate(&new, &esp_pkt[..len], &mut out, &mut |_| delivered += 1);
+        assert_eq!(delivered, 1);
+        t.encapsulate(&w, &packet(), &mut out);
+        let (m, _) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..4],
+            &0x2001u32.to_be_bytes(),
+            "moved to the peer's SA"
+        );
+        assert!(n > 0 && m > 0);
+        // An inner source outside the selectors is dropped after decryption.
+        let mut stray = packet();
+        stray[12..16].copy_from_slice(&[192, 168, 9, 9]);
+        let len = peer_sa.seal(&stray, &mut esp_pkt).unwrap();
+        t.decapsulate(&new, &esp_pkt[..len], &mut out, &mut |_| delivered += 1);
+        assert_eq!(delivered, 1);
+        assert_eq!(t.stats.drops.get(DropReason::SourceNotAllowed), 1);
+        // A replay is counted as a decryption failure, not delivered.
+        t.decapsulate(&new, &esp_pkt[..len], &mut out, &mut |_| delivered += 1);
+        assert_eq!(t.stats.drops.get(DropReason::DecryptFailed), 1);
+    }
+}

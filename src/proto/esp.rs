@@ -294,6 +294,12 @@ impl EspSa {
         self.spi_in
     }
 
+    /// Continue the outbound sequence at `seq` (tests of exhaustion; never lower it on a
+    /// live SA: a receiver would drop the repeats as replays).
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq;
+    }
+
     /// The sequence number the next [`seal`](Self::seal) will use.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
