@@ -65,7 +65,14 @@ fn pair(tag: &str, extra: &str, b_psk_differs: bool, b_local: Option<&str>) -> P
         remote: &t.subnet_a,
         local_id: "b.sitewire.test",
         remote_id: "a.sitewire.test",
-        extra: &format!("{extra}\nstart_action = \"none\""),
+        extra: &format!(
+            "{}\nstart_action = \"none\"",
+            extra
+                .lines()
+                .filter(|l| !l.starts_with("start_action"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
     }
     .render();
     let b = t.start_sitewire(Site::B, "b", &cfg_b);
@@ -202,4 +209,39 @@ fn wrong_psk_and_selector_mismatch_give_clear_errors() {
         p.a.log()
     );
     assert_ne!(tunnel_status(&p.if_a, "hq")["state"], "up");
+}
+
+#[test]
+fn trap_waits_for_traffic_and_reload_keeps_the_tunnel() {
+    if !prereq(&["ping"]) {
+        return;
+    }
+    let p = pair("ipsec-trap", "start_action = \"trap\"", false, None);
+    let t = &p.t;
+    // Nothing is negotiated until a packet wants the tunnel.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tunnel_status(&p.if_a, "hq")["ike"]["state"], "idle");
+    assert_ne!(tunnel_status(&p.if_a, "hq")["state"], "up");
+    assert!(
+        t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(10)),
+        "{}",
+        p.a.log()
+    );
+    assert_eq!(tunnel_status(&p.if_a, "hq")["state"], "up");
+    // A reload that leaves the IPsec tunnel alone keeps it (and its SAs).
+    assert!(wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        || !tunnel_status(&p.if_a, "hq")["ike"]["spi_in"].is_null()
+    ));
+    let spi = tunnel_status(&p.if_a, "hq")["ike"]["spi_in"].clone();
+    let out = support::host_exec_ok(
+        &[support::sitewire_bin(), "reload", "--interface", &p.if_a],
+        None,
+    );
+    assert!(out.contains("unchanged") || out.contains("hq"), "{out}");
+    let r = t.ping(&t.ns_a, t.host_a, t.host_b, 20, 0.05);
+    assert_eq!(r.received, r.sent);
+    assert_eq!(tunnel_status(&p.if_a, "hq")["ike"]["spi_in"], spi);
+    let _ = &p.if_b;
 }
