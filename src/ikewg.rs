@@ -214,6 +214,21 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    fn new(name: &str, kind: Kind, action: DpdAction, start: StartAction) -> Self {
+        Self {
+            name: name.to_string(),
+            kind,
+            action,
+            start,
+            last_rx_packets: 0,
+            rekeys: 0,
+            last_error: None,
+            dead: false,
+            retry_at: None,
+            last_tx: (0, Instant::now()),
+        }
+    }
+
     fn stats(&self) -> &TunnelStats {
         match &self.kind {
             Kind::Wg(t) => &t.stats,
@@ -317,18 +332,12 @@ impl Driver {
                 via: VIA_SITE,
                 nat_t: None,
             });
-            tunnels.push(Tunnel {
-                name: t.spec.name.clone(),
-                kind: Kind::Wg(t.clone()),
-                action: dpd.action,
-                start: StartAction::Start,
-                last_rx_packets: 0,
-                rekeys: 0,
-                last_error: None,
-                dead: false,
-                retry_at: None,
-                last_tx: (0, Instant::now()),
-            });
+            tunnels.push(Tunnel::new(
+                &t.spec.name,
+                Kind::Wg(t.clone()),
+                dpd.action,
+                StartAction::Start,
+            ));
         }
         for t in &table.esp {
             let spec = &t.spec;
@@ -349,18 +358,12 @@ impl Driver {
                 via: VIA_IKE,
                 nat_t: Some((VIA_NATT, NATT_PORT)),
             });
-            tunnels.push(Tunnel {
-                name: spec.name.clone(),
-                kind: Kind::Esp(t.clone()),
-                action: spec.dpd.action,
-                start: spec.start_action,
-                last_rx_packets: 0,
-                rekeys: 0,
-                last_error: None,
-                dead: false,
-                retry_at: None,
-                last_tx: (0, Instant::now()),
-            });
+            tunnels.push(Tunnel::new(
+                &spec.name,
+                Kind::Esp(t.clone()),
+                spec.dpd.action,
+                spec.start_action,
+            ));
         }
         if peers.is_empty() {
             return None;

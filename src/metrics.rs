@@ -585,6 +585,30 @@ pub fn esp_snapshot(t: &crate::dataplane::esp::EspTunnel) -> TunnelSnapshot {
         protocol: "ipsec",
         keying: "ike",
         up: t.is_up(),
+        rekeys: vec![
+            ("success", s.rekeys_ok.load(Relaxed)),
+            ("failure", s.rekeys_failed.load(Relaxed)),
+        ],
+        dpd_dead: Some(s.dpd_dead.load(Relaxed)),
+        rtt: vec![(RttSource::Ike, s.rtt.get(RttSource::Ike).snapshot())],
+        loss: Vec::new(),
+        probes: Vec::new(),
+        next_rekey_secs: ike
+            .and_then(|i| i.next_rekey_secs)
+            .filter(|_| t.is_up())
+            .map(|n| n as f64),
+        ..counters(s, (sec, nsec))
+    }
+}
+
+/// The traffic, drop and handshake counters every kind of tunnel reports; callers fill
+/// in the rest.
+fn counters(s: &crate::dataplane::stats::TunnelStats, (sec, nsec): (u64, u32)) -> TunnelSnapshot {
+    TunnelSnapshot {
+        name: String::new(),
+        protocol: "",
+        keying: "",
+        up: false,
         rx_bytes: s.rx_bytes.load(Relaxed),
         tx_bytes: s.tx_bytes.load(Relaxed),
         rx_packets: s.rx_packets.load(Relaxed),
@@ -599,18 +623,12 @@ pub fn esp_snapshot(t: &crate::dataplane::esp::EspTunnel) -> TunnelSnapshot {
             ("timeout", s.handshake_timeouts.load(Relaxed)),
             ("rejected", s.handshake_rejects.load(Relaxed)),
         ],
-        rekeys: vec![
-            ("success", s.rekeys_ok.load(Relaxed)),
-            ("failure", s.rekeys_failed.load(Relaxed)),
-        ],
+        rekeys: Vec::new(),
         dpd_dead: Some(s.dpd_dead.load(Relaxed)),
-        rtt: vec![(RttSource::Ike, s.rtt.get(RttSource::Ike).snapshot())],
+        rtt: Vec::new(),
         loss: Vec::new(),
         probes: Vec::new(),
-        next_rekey_secs: ike
-            .and_then(|i| i.next_rekey_secs)
-            .filter(|_| t.is_up())
-            .map(|n| n as f64),
+        next_rekey_secs: None,
     }
 }
 
@@ -642,20 +660,6 @@ pub fn wg_snapshot(t: &WgTunnel) -> TunnelSnapshot {
         protocol: "wireguard",
         keying: if t.spec.ike { "ike" } else { "static" },
         up: t.state() == TunnelState::Up,
-        rx_bytes: s.rx_bytes.load(Relaxed),
-        tx_bytes: s.tx_bytes.load(Relaxed),
-        rx_packets: s.rx_packets.load(Relaxed),
-        tx_packets: s.tx_packets.load(Relaxed),
-        drops: DropReason::ALL
-            .iter()
-            .map(|r| (r.as_str(), s.drops.get(*r)))
-            .collect(),
-        last_handshake: (sec > 0).then(|| sec as f64 + f64::from(nsec) / 1e9),
-        handshakes: vec![
-            ("success", s.handshakes.load(Relaxed)),
-            ("timeout", s.handshake_timeouts.load(Relaxed)),
-            ("rejected", s.handshake_rejects.load(Relaxed)),
-        ],
         rekeys: if t.spec.ike {
             vec![
                 ("success", s.rekeys_ok.load(Relaxed)),
@@ -672,6 +676,7 @@ pub fn wg_snapshot(t: &WgTunnel) -> TunnelSnapshot {
         next_rekey_secs: age
             .filter(|_| has_session)
             .map(|a| WG_REKEY_AFTER.as_secs_f64() - a.as_secs_f64()),
+        ..counters(s, (sec, nsec))
     }
 }
 
