@@ -91,6 +91,9 @@ pub fn ipsec_specs(cfg: &Config) -> Result<Vec<EspTunnelSpec>> {
                 esp_aeads,
                 esp_pfs,
                 rekey_interval: t.rekey_interval,
+                ike_rekey_interval: t
+                    .ike_rekey_interval
+                    .unwrap_or(Duration::from_secs(4 * 3600)),
                 dpd: t.dpd,
                 start_action: t.start_action,
                 line: t.line,

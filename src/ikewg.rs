@@ -353,7 +353,10 @@ impl Driver {
                 local_ts: selectors(&spec.local_subnets),
                 remote_ts: selectors(&spec.remote_subnets),
                 child_kind: ChildKind::Esp,
-                timers: timers(spec.dpd, spec.rekey_interval),
+                timers: Timers {
+                    ike_rekey: spec.ike_rekey_interval,
+                    ..timers(spec.dpd, spec.rekey_interval)
+                },
                 remote_addr: t.endpoint(),
                 via: VIA_IKE,
                 nat_t: Some((VIA_NATT, NATT_PORT)),

@@ -154,8 +154,14 @@ fn sitewire_initiates_both_suites() {
         let mut conn = ConnSpec::for_site(&t, Site::B);
         conn.ike_proposal = ike.into();
         conn.esp_proposal = esp.into();
-        // sitewire rekeys its CHILD SA every 4 s here: charon answers the rekeys.
-        let x = start(&t, conn, "rekey_interval = \"4s\"", None);
+        // sitewire rekeys its CHILD SA every 4 s and its IKE SA every 6 s here: charon
+        // answers the rekeys.
+        let x = start(
+            &t,
+            conn,
+            "rekey_interval = \"4s\"\nike_rekey_interval = \"6s\"",
+            None,
+        );
         x.wait_up(Duration::from_secs(15));
         x.ping_both_ways();
         x.check_sas_agree();
@@ -172,6 +178,10 @@ fn sitewire_initiates_both_suites() {
         );
         assert!(rekeys >= 1, "no rekey in 10 s");
         assert_eq!(r.received, r.sent, "{r:?}");
+        let ike_rekeys = x.sw.log().matches("initiator=true rekey=true").count();
+        eprintln!("{tag}: {ike_rekeys} IKE SA rekeys by sitewire");
+        assert!(ike_rekeys >= 1, "{}", x.charon.log_tail(40));
+        assert_eq!(x.ike()["state"], "established");
         let mbps = x.iperf(5);
         eprintln!("{tag}: sitewire -> charon TCP {mbps:.0} Mbit/s");
         assert!(mbps > 10.0);

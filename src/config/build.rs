@@ -38,6 +38,7 @@ const DPD_KEYS: &[&str] = &["interval", "timeout", "action"];
 const PROBE_KEYS: &[&str] = &["target", "interval", "source"];
 const WIREGUARD_ONLY: &[&str] = &["peer_public_key", "keying", "persistent_keepalive"];
 const IPSEC_ONLY: &[&str] = &[
+    "ike_rekey_interval",
     "local_id",
     "remote_id",
     "ike_proposals",
@@ -54,6 +55,7 @@ const TUNNEL_KEYS: &[&str] = &[
     "remote_subnets",
     "persistent_keepalive",
     "rekey_interval",
+    "ike_rekey_interval",
     "post_quantum",
     "dpd",
     "psk",
@@ -67,6 +69,8 @@ const TUNNEL_KEYS: &[&str] = &[
 
 const DEFAULT_MTU: u16 = 1420;
 const DEFAULT_REKEY: Duration = Duration::from_secs(120);
+/// IPsec IKE SA lifetime before a rekey (strongSwan's default `rekey_time`).
+const DEFAULT_IKE_REKEY: Duration = Duration::from_secs(4 * 3600);
 const DEFAULT_IKE_PROPOSAL: &str = "aes256gcm16-prfsha256-x25519";
 const DEFAULT_ESP_PROPOSAL: &str = "aes256gcm16";
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -586,6 +590,12 @@ impl Builder<'_> {
         let rekey_interval = self
             .duration(sec, "rekey_interval", nonzero)
             .map(|d| d.unwrap_or(DEFAULT_REKEY));
+        let ike_rekey_interval = if present("ike_rekey_interval") {
+            self.duration(sec, "ike_rekey_interval", nonzero)
+                .map(|d| d.or(Some(DEFAULT_IKE_REKEY)))
+        } else {
+            Some(is_ipsec.then_some(DEFAULT_IKE_REKEY))
+        };
         let post_quantum = match sec.boolean(&mut self.ctx, "post_quantum") {
             Some(b) => Some(b),
             None if sec.has("post_quantum") => None,
@@ -655,6 +665,7 @@ impl Builder<'_> {
                 remote_subnets: unlocate(remote, remote_ok)?,
                 persistent_keepalive: persistent_keepalive?,
                 rekey_interval: rekey_interval?,
+                ike_rekey_interval: ike_rekey_interval?,
                 post_quantum: post_quantum?,
                 dpd: dpd?,
                 psk: psk?,

@@ -183,6 +183,8 @@ pub struct Tunnel {
     pub remote_subnets: Vec<IpNet>,
     pub persistent_keepalive: Option<Duration>,
     pub rekey_interval: Duration,
+    /// IPsec: IKE SA rekey interval (default 4 h); `None` for WireGuard.
+    pub ike_rekey_interval: Option<Duration>,
     /// IKE keying: run the hybrid ML-KEM-768 exchange (RFC 9370); default true.
     pub post_quantum: bool,
     pub dpd: Dpd,

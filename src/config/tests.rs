@@ -196,6 +196,14 @@ fn minimal_config_gets_defaults() {
     assert_eq!(t.psk, Some(KeyRef::Vault("sitewire/hq".into())));
     assert_eq!(t.ike_proposals, vec!["aes256gcm16-prfsha256-x25519"]);
     assert_eq!(t.esp_proposals, vec!["aes256gcm16"]);
+    assert_eq!(t.ike_rekey_interval, Some(Duration::from_secs(4 * 3600)));
+    let c = d
+        .parse(&(site() + ipsec + "ike_rekey_interval = \"30m\"\n"))
+        .unwrap();
+    assert_eq!(
+        c.tunnels[0].ike_rekey_interval,
+        Some(Duration::from_secs(1800))
+    );
 }
 
 #[test]

@@ -46,6 +46,7 @@ pub struct EspTunnelSpec {
     /// A fresh X25519 exchange in every CHILD SA rekey (an ESP proposal named a DH group).
     pub esp_pfs: bool,
     pub rekey_interval: Duration,
+    pub ike_rekey_interval: Duration,
     pub dpd: Dpd,
     pub start_action: StartAction,
     /// Config line, for messages.
@@ -389,6 +390,7 @@ mod tests {
             esp_aeads: vec![AeadAlg::AesGcm16 { key_bits: 256 }],
             esp_pfs: false,
             rekey_interval: Duration::from_secs(60),
+            ike_rekey_interval: Duration::from_secs(3600),
             dpd: Dpd {
                 interval: Duration::from_secs(10),
                 timeout: Duration::from_secs(30),
