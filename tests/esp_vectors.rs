@@ -308,7 +308,7 @@ fn vectors_open_every_packet_to_the_logged_plaintext() {
 #[test]
 fn vectors_open_in_place() {
     for (c, p) in all_packets() {
-        let (_, mut rx) = c.sas_for(p.i2r);
+        let (_, rx) = c.sas_for(p.i2r);
         let mut buf = p.udp_payload.clone();
         if p.seq > 1 {
             // Later packets of the SA: the window starts empty, they are still new.
@@ -327,7 +327,7 @@ fn vectors_seal_reproduces_captured_bytes() {
         for i2r in [true, false] {
             let pkts: Vec<&Packet> = c.packets.iter().filter(|p| p.i2r == i2r).collect();
             let Some(first) = pkts.first() else { continue };
-            let (mut tx, mut rx) = c.sas_for(i2r);
+            let (mut tx, rx) = c.sas_for(i2r);
             // strongSwan's IV is a per-SA random value XOR the sequence number.
             tx.set_iv_mask(first.iv ^ u64::from(first.seq));
             for p in pkts {
@@ -359,7 +359,7 @@ fn vectors_seal_reproduces_captured_bytes() {
 fn vectors_seal_with_default_iv_matches_layout() {
     for c in children() {
         for i2r in [true, false] {
-            let (mut tx, mut rx) = c.sas_for(i2r);
+            let (tx, rx) = c.sas_for(i2r);
             for p in c.packets.iter().filter(|p| p.i2r == i2r) {
                 let mut out = [0u8; 2048];
                 let n = tx.seal(&p.inner, &mut out).expect("seal");
@@ -380,7 +380,7 @@ fn vectors_seal_with_default_iv_matches_layout() {
 fn vectors_tampering_any_byte_fails() {
     let mut checked = 0;
     for (c, p) in all_packets() {
-        let (_, mut rx) = c.sas_for(p.i2r);
+        let (_, rx) = c.sas_for(p.i2r);
         let mut out = [0u8; 2048];
         for i in 0..p.udp_payload.len() {
             for flip in [0x01u8, 0x80] {
@@ -417,7 +417,7 @@ fn vectors_tampering_any_byte_fails() {
 #[test]
 fn vectors_replay_is_refused() {
     for (c, p) in all_packets() {
-        let (_, mut rx) = c.sas_for(p.i2r);
+        let (_, rx) = c.sas_for(p.i2r);
         let mut out = [0u8; 2048];
         rx.open(&p.udp_payload, &mut out).expect("first");
         assert_eq!(rx.open(&p.udp_payload, &mut out), Err(OpenError::Replayed));
@@ -434,7 +434,7 @@ fn vectors_swapped_keys_fail() {
     for (c, p) in all_packets() {
         let spi_in = p.spi;
         let wrong_key = if p.i2r { &c.encr_r } else { &c.encr_i };
-        let mut rx = EspSa::new(0, wrong_key, spi_in, wrong_key, c.alg).expect("sa");
+        let rx = EspSa::new(0, wrong_key, spi_in, wrong_key, c.alg).expect("sa");
         let mut out = [0u8; 2048];
         assert_eq!(
             rx.open(&p.udp_payload, &mut out),
@@ -446,7 +446,7 @@ fn vectors_swapped_keys_fail() {
             _ => AeadAlg::ChaCha20Poly1305,
         };
         let right_key = if p.i2r { &c.encr_i } else { &c.encr_r };
-        let mut rx = EspSa::new(0, right_key, spi_in, right_key, other).expect("sa");
+        let rx = EspSa::new(0, right_key, spi_in, right_key, other).expect("sa");
         assert_eq!(
             rx.open(&p.udp_payload, &mut out),
             Err(OpenError::AuthFailed)
@@ -510,7 +510,7 @@ proptest! {
         our_spi in any::<bool>(),
         out_len in 0usize..2100,
     ) {
-        let (_, mut b) = pair(alg, 7);
+        let (_, b) = pair(alg, 7);
         let mut data = data;
         if our_spi && data.len() >= 4 {
             data[..4].copy_from_slice(&0xa1a1_a1a1u32.to_be_bytes());
@@ -532,7 +532,7 @@ proptest! {
         let pkts: Vec<_> = all_packets().collect();
         if !pkts.is_empty() {
             let (c, p) = pkts[pick % pkts.len()];
-            let (_, mut rx) = c.sas_for(p.i2r);
+            let (_, rx) = c.sas_for(p.i2r);
             let mut t = p.udp_payload.clone();
             for (at, x) in &muts {
                 let i = at % t.len();
@@ -557,7 +557,7 @@ proptest! {
         v6 in any::<bool>(),
         count in 1usize..4,
     ) {
-        let (mut a, mut b) = pair(alg, seed);
+        let (mut a, b) = pair(alg, seed);
         a.set_iv_mask(mask);
         let mut buf = vec![0u8; 1600];
         let mut out = vec![0u8; 1600];

@@ -74,7 +74,8 @@ pub struct ChildSa {
     pub spi_in: u32,
     pub spi_out: u32,
     pub aead: AeadAlg,
-    sa: Mutex<EspSa>,
+    /// Sealed by the TUN thread and opened by the UDP thread at the same time (no lock).
+    sa: EspSa,
     /// Inner sources accepted from the peer (its negotiated selectors).
     remote_ts: Vec<TrafficSelector>,
     /// Inner sources we may send from (our negotiated selectors).
@@ -95,7 +96,7 @@ impl ChildSa {
             spi_in: sa.spi_in(),
             spi_out: sa.spi_out(),
             aead,
-            sa: Mutex::new(sa),
+            sa,
             remote_ts,
             local_ts,
             installed: Instant::now(),
@@ -104,7 +105,7 @@ impl ChildSa {
 
     /// Sequence numbers sent so far.
     pub fn sent(&self) -> u64 {
-        lock(&self.sa).next_seq() - 1
+        self.sa.next_seq() - 1
     }
 }
 
@@ -273,14 +274,10 @@ impl EspTunnel {
             self.stats.drops.add(DropReason::NoRoute);
             return;
         }
-        let sealed = {
-            let mut sa = lock(&child.sa);
-            let r = sa.seal(packet, out);
-            if sa.needs_rekey() {
-                self.wants_rekey.store(true, Relaxed);
-            }
-            r
-        };
+        let sealed = child.sa.seal(packet, out);
+        if child.sa.needs_rekey() {
+            self.wants_rekey.store(true, Relaxed);
+        }
         match sealed {
             Ok(n) => match wire.send_to(&out[..n], dst) {
                 Ok(_) => self.stats.count_tx(n),
@@ -303,7 +300,7 @@ impl EspTunnel {
         out: &mut [u8],
         deliver: &mut dyn FnMut(&[u8]),
     ) {
-        let opened = lock(&child.sa).open(datagram, out);
+        let opened = child.sa.open(datagram, out);
         match opened {
             Ok((n, _)) => {
                 self.stats.count_rx(datagram.len());
@@ -403,7 +400,7 @@ mod tests {
 
     fn child(id: u64, spi_in: u32, spi_out: u32, seq: u64) -> Arc<ChildSa> {
         let aead = AeadAlg::AesGcm16 { key_bits: 256 };
-        let mut sa = EspSa::new(spi_out, &[1; 36], spi_in, &[2; 36], aead).unwrap();
+        let sa = EspSa::new(spi_out, &[1; 36], spi_in, &[2; 36], aead).unwrap();
         sa.set_next_seq(seq);
         Arc::new(ChildSa::new(
             id,
@@ -475,7 +472,7 @@ mod tests {
         assert_eq!(&buf[..4], &0x2000u32.to_be_bytes(), "still on the old SA");
         // A packet from the peer on SA 2 (sealed with the peer's keys = our inbound key).
         let aead = AeadAlg::AesGcm16 { key_bits: 256 };
-        let mut peer_sa = EspSa::new(0x1001, &[2; 36], 0x2001, &[1; 36], aead).unwrap();
+        let peer_sa = EspSa::new(0x1001, &[2; 36], 0x2001, &[1; 36], aead).unwrap();
         let mut inner = packet();
         inner[12..16].copy_from_slice(&[10, 2, 0, 1]);
         inner[16..20].copy_from_slice(&[10, 1, 0, 1]);

@@ -17,6 +17,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
@@ -242,9 +244,11 @@ pub struct EspSa {
     out: DirKey,
     inb: DirKey,
     /// The next outbound sequence number (1 on a new SA; > [`SEQ_HARD_LIMIT`] when used up).
-    next_seq: u64,
+    next_seq: AtomicU64,
     iv_mask: u64,
-    replay: ReplayWindow,
+    /// Locked only to check and move it: decryption runs outside, so one thread can seal
+    /// while another opens.
+    replay: Mutex<ReplayWindow>,
 }
 
 impl std::fmt::Debug for EspSa {
@@ -252,8 +256,8 @@ impl std::fmt::Debug for EspSa {
         f.debug_struct("EspSa")
             .field("spi_out", &format_args!("{:08x}", self.spi_out))
             .field("spi_in", &format_args!("{:08x}", self.spi_in))
-            .field("next_seq", &self.next_seq)
-            .field("replay_top", &self.replay.top())
+            .field("next_seq", &self.next_seq())
+            .field("replay_top", &self.window().top())
             .finish_non_exhaustive()
     }
 }
@@ -273,9 +277,9 @@ impl EspSa {
             spi_in,
             out: DirKey::new(aead, key_out)?,
             inb: DirKey::new(aead, key_in)?,
-            next_seq: 1,
+            next_seq: AtomicU64::new(1),
             iv_mask: 0,
-            replay: ReplayWindow::new(),
+            replay: Mutex::new(ReplayWindow::new()),
         })
     }
 
@@ -296,29 +300,33 @@ impl EspSa {
 
     /// Continue the outbound sequence at `seq` (tests of exhaustion; never lower it on a
     /// live SA: a receiver would drop the repeats as replays).
-    pub fn set_next_seq(&mut self, seq: u64) {
-        self.next_seq = seq;
+    pub fn set_next_seq(&self, seq: u64) {
+        self.next_seq.store(seq, Relaxed);
     }
 
     /// The sequence number the next [`seal`](Self::seal) will use.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.next_seq.load(Relaxed)
     }
 
     /// The outbound sequence number is past [`SEQ_SOFT_LIMIT`]: rekey now, before
     /// [`SealError::SeqExhausted`].
     pub fn needs_rekey(&self) -> bool {
-        self.next_seq >= SEQ_SOFT_LIMIT
+        self.next_seq() >= SEQ_SOFT_LIMIT
     }
 
-    /// The inbound anti-replay window.
-    pub fn replay_window(&self) -> &ReplayWindow {
-        &self.replay
+    /// A copy of the inbound anti-replay window.
+    pub fn replay_window(&self) -> ReplayWindow {
+        self.window().clone()
+    }
+
+    fn window(&self) -> MutexGuard<'_, ReplayWindow> {
+        self.replay.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Encrypt `inner_ip_packet` (IPv4 or IPv6, by its version nibble) into `out`; returns the
     /// ESP packet's length ([`sealed_len`]).
-    pub fn seal(&mut self, inner_ip_packet: &[u8], out: &mut [u8]) -> Result<usize, SealError> {
+    pub fn seal(&self, inner_ip_packet: &[u8], out: &mut [u8]) -> Result<usize, SealError> {
         let nh = next_header_of(inner_ip_packet).ok_or(SealError::BadInnerPacket)?;
         self.seal_with(nh, inner_ip_packet, out)
     }
@@ -326,12 +334,12 @@ impl EspSa {
     /// Like [`seal`](Self::seal) with an explicit next header (e.g. [`NEXT_HEADER_DUMMY`] for
     /// a TFC dummy packet); `payload` may be empty.
     pub fn seal_with(
-        &mut self,
+        &self,
         next_header: u8,
         payload: &[u8],
         out: &mut [u8],
     ) -> Result<usize, SealError> {
-        if self.next_seq > SEQ_HARD_LIMIT {
+        if self.next_seq() > SEQ_HARD_LIMIT {
             return Err(SealError::SeqExhausted);
         }
         let total = sealed_len(payload.len());
@@ -345,7 +353,7 @@ impl EspSa {
     /// Zero-copy variant: the inner packet is already at `buf[PAYLOAD_OFFSET..][..inner_len]`
     /// and `buf` has room for [`sealed_len`]`(inner_len)` octets. The next header comes from
     /// the version nibble.
-    pub fn seal_in_place(&mut self, buf: &mut [u8], inner_len: usize) -> Result<usize, SealError> {
+    pub fn seal_in_place(&self, buf: &mut [u8], inner_len: usize) -> Result<usize, SealError> {
         let inner = buf
             .get(PAYLOAD_OFFSET..PAYLOAD_OFFSET.saturating_add(inner_len))
             .ok_or(SealError::BufferTooSmall)?;
@@ -355,14 +363,11 @@ impl EspSa {
 
     /// [`seal_in_place`](Self::seal_in_place) with an explicit next header.
     pub fn seal_in_place_with(
-        &mut self,
+        &self,
         next_header: u8,
         buf: &mut [u8],
         inner_len: usize,
     ) -> Result<usize, SealError> {
-        if self.next_seq > SEQ_HARD_LIMIT {
-            return Err(SealError::SeqExhausted);
-        }
         let pad = pad_len(inner_len);
         let total = inner_len
             .checked_add(PAYLOAD_OFFSET + pad + 2 + ICV_LEN)
@@ -370,7 +375,12 @@ impl EspSa {
         if buf.len() < total {
             return Err(SealError::BufferTooSmall);
         }
-        let seq = self.next_seq;
+        // Each sequence number is taken once, also with several sealing threads.
+        let seq = self.next_seq.fetch_add(1, Relaxed);
+        if seq > SEQ_HARD_LIMIT {
+            self.next_seq.store(SEQ_HARD_LIMIT + 1, Relaxed);
+            return Err(SealError::SeqExhausted);
+        }
         let iv = (seq ^ self.iv_mask).to_be_bytes();
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&self.spi_out.to_be_bytes());
@@ -394,7 +404,6 @@ impl EspSa {
             )
             .map_err(|_| SealError::Crypto)?;
         buf[ct_end..ct_end + ICV_LEN].copy_from_slice(tag.as_ref());
-        self.next_seq = seq + 1;
         Ok(total)
     }
 
@@ -403,7 +412,7 @@ impl EspSa {
     ///
     /// The anti-replay window is updated only once the ICV verifies. An authentic dummy packet
     /// (next header 59) is reported as [`OpenError::Dummy`] after the window update.
-    pub fn open(&mut self, esp: &[u8], out: &mut [u8]) -> Result<(usize, u8), OpenError> {
+    pub fn open(&self, esp: &[u8], out: &mut [u8]) -> Result<(usize, u8), OpenError> {
         let (seq, ct) = self.precheck(esp)?;
         let ct_len = ct.len();
         if out.len() < ct_len {
@@ -417,7 +426,7 @@ impl EspSa {
     /// Zero-copy variant of [`open`](Self::open): decrypts inside `esp` (the plaintext moves
     /// to the front, over the header); on success the inner packet is `esp[range]`
     /// (currently always starting at 0).
-    pub fn open_in_place(&mut self, esp: &mut [u8]) -> Result<(Range<usize>, u8), OpenError> {
+    pub fn open_in_place(&self, esp: &mut [u8]) -> Result<(Range<usize>, u8), OpenError> {
         let (seq, _) = self.precheck(esp)?;
         let icv_at = esp.len() - ICV_LEN;
         let mut icv = [0u8; ICV_LEN];
@@ -438,13 +447,13 @@ impl EspSa {
             return Err(OpenError::UnknownSpi);
         }
         let seq = u32::from_be_bytes([esp[4], esp[5], esp[6], esp[7]]);
-        self.replay.check(u64::from(seq))?;
+        self.window().check(u64::from(seq))?;
         Ok((seq, &esp[PAYLOAD_OFFSET..esp.len() - ICV_LEN]))
     }
 
     /// Decrypt `buf[ct_start..]` to `buf[..]`; `head` starts with SPI | Seq | IV.
     fn decrypt(
-        &mut self,
+        &self,
         head: &[u8],
         seq: u32,
         icv: &[u8],
@@ -471,7 +480,7 @@ impl EspSa {
             }
         };
         // Authentic: now the window moves (RFC 4303 §3.4.3).
-        self.replay.accept(u64::from(seq))?;
+        self.window().accept(u64::from(seq))?;
         let pt = &buf[..pt_len];
         if pt_len < 2 {
             return Err(OpenError::BadPadding);
@@ -943,7 +952,7 @@ mod tests {
             AeadAlg::AesGcm16 { key_bits: 256 },
             AeadAlg::ChaCha20Poly1305,
         ] {
-            let (mut a, mut b) = sa_pair(alg);
+            let (a, b) = sa_pair(alg);
             let inner = ipv4(84);
             let mut buf = [0u8; 2048];
             let mut out = [0u8; 2048];
@@ -994,8 +1003,8 @@ mod tests {
     }
 
     /// Seal a plaintext built by hand (bad padding) with the SA's outbound key.
-    fn seal_raw(sa: &mut EspSa, pt: &[u8], buf: &mut [u8]) -> usize {
-        let seq = sa.next_seq;
+    fn seal_raw(sa: &EspSa, pt: &[u8], buf: &mut [u8]) -> usize {
+        let seq = sa.next_seq.fetch_add(1, Relaxed);
         let iv = seq.to_be_bytes();
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&sa.spi_out.to_be_bytes());
@@ -1013,34 +1022,33 @@ mod tests {
             )
             .unwrap();
         buf[16 + pt.len()..32 + pt.len()].copy_from_slice(tag.as_ref());
-        sa.next_seq += 1;
         32 + pt.len()
     }
 
     #[test]
     fn esp_open_checks_padding() {
-        let (mut a, mut b) = sa_pair(AeadAlg::ChaCha20Poly1305);
+        let (a, b) = sa_pair(AeadAlg::ChaCha20Poly1305);
         let mut buf = [0u8; 256];
         let mut out = [0u8; 256];
         let mut pt = ipv4(20);
         pt.extend_from_slice(&[1, 3, 2, 4]); // pad octets 1, 3: wrong
-        let n = seal_raw(&mut a, &pt, &mut buf);
+        let n = seal_raw(&a, &pt, &mut buf);
         assert_eq!(b.open(&buf[..n], &mut out), Err(OpenError::BadPadding));
         // Authentic, so the window moved anyway.
         assert_eq!(b.open(&buf[..n], &mut out), Err(OpenError::Replayed));
-        let n = seal_raw(&mut a, &[9, 4], &mut buf); // pad length 9 > 0 octets
+        let n = seal_raw(&a, &[9, 4], &mut buf); // pad length 9 > 0 octets
         assert_eq!(b.open(&buf[..n], &mut out), Err(OpenError::BadPadding));
-        let n = seal_raw(&mut a, &[4], &mut buf); // one octet only
+        let n = seal_raw(&a, &[4], &mut buf); // one octet only
         assert_eq!(b.open(&buf[..n], &mut out), Err(OpenError::Truncated));
         let mut ok = ipv4(21);
         ok.extend_from_slice(&[1, 1, 4]);
-        let n = seal_raw(&mut a, &ok, &mut buf);
+        let n = seal_raw(&a, &ok, &mut buf);
         assert_eq!(b.open(&buf[..n], &mut out).map(|x| x.0), Ok(21));
     }
 
     #[test]
     fn esp_tamper_fails_without_moving_window() {
-        let (mut a, mut b) = sa_pair(AeadAlg::AesGcm16 { key_bits: 256 });
+        let (a, b) = sa_pair(AeadAlg::AesGcm16 { key_bits: 256 });
         let mut buf = [0u8; 256];
         let mut out = [0u8; 256];
         let n = a.seal(&ipv4(40), &mut buf).unwrap();
@@ -1055,13 +1063,13 @@ mod tests {
 
     #[test]
     fn esp_sequence_limits() {
-        let (mut a, mut b) = sa_pair(AeadAlg::ChaCha20Poly1305);
+        let (a, b) = sa_pair(AeadAlg::ChaCha20Poly1305);
         let mut buf = [0u8; 256];
         let mut out = [0u8; 256];
         assert!(!a.needs_rekey());
-        a.next_seq = SEQ_SOFT_LIMIT;
+        a.set_next_seq(SEQ_SOFT_LIMIT);
         assert!(a.needs_rekey());
-        a.next_seq = SEQ_HARD_LIMIT;
+        a.set_next_seq(SEQ_HARD_LIMIT);
         let n = a.seal(&ipv4(20), &mut buf).unwrap();
         assert_eq!(&buf[4..8], &[0xff; 4]);
         assert_eq!(a.seal(&ipv4(20), &mut buf), Err(SealError::SeqExhausted));
@@ -1071,7 +1079,7 @@ mod tests {
 
     #[test]
     fn esp_iv_mask() {
-        let (mut a, mut b) = sa_pair(AeadAlg::AesGcm16 { key_bits: 256 });
+        let (mut a, b) = sa_pair(AeadAlg::AesGcm16 { key_bits: 256 });
         a.set_iv_mask(0xfa95_3251_7e6e_4bf3);
         let mut buf = [0u8; 256];
         let mut out = [0u8; 256];
