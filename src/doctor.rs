@@ -432,31 +432,40 @@ async fn check_interface(r: &mut Report, raw: &Raw, running: bool) {
 }
 
 fn check_port(r: &mut Report, raw: &Raw, running: bool) {
-    let Some(port) = raw.listen_port else { return };
-    if port == 0 {
-        return;
+    let mut ports: Vec<(u16, &str)> = Vec::new();
+    if let Some(port) = raw.listen_port.filter(|&p| p != 0) {
+        ports.push((port, "choose another listen_port"));
     }
-    match crate::dataplane::Wire::bind(port) {
-        Ok(_) => r.ok("port", format!("UDP port {port} is free")),
-        Err(_) if running => r.ok(
-            "port",
-            format!("UDP port {port} is in use by this site's running daemon"),
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => r.fail(
-            "port",
-            format!("UDP port {port} is already taken by another process"),
-            format!("stop it or choose another listen_port (find it: ss -ulpn 'sport = :{port}')"),
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
-            "port",
-            format!("UDP port {port} cannot be bound: {e}"),
-            "ports below 1024 need CAP_NET_BIND_SERVICE (add it to the unit) or use a higher port",
-        ),
-        Err(e) => r.fail(
-            "port",
-            format!("UDP port {port} cannot be bound: {e}"),
-            "choose another listen_port",
-        ),
+    if raw.tunnels.iter().any(|t| t.ipsec) {
+        // IPsec peers expect IKE on 500 and NAT-T on 4500; another IKE daemon (strongSwan,
+        // libreswan) on this host is the usual culprit.
+        let hint = "stop the other IKE daemon (e.g. strongSwan's charon) on this host: IPsec tunnels need UDP 500 and 4500";
+        ports.push((crate::dataplane::IKE_PORT, hint));
+        ports.push((crate::dataplane::NATT_PORT, hint));
+    }
+    for (port, other) in ports {
+        match crate::dataplane::Wire::bind(port) {
+            Ok(_) => r.ok("port", format!("UDP port {port} is free")),
+            Err(_) if running => r.ok(
+                "port",
+                format!("UDP port {port} is in use by this site's running daemon"),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => r.fail(
+                "port",
+                format!("UDP port {port} is already taken by another process"),
+                format!("{other} (find it: ss -ulpn 'sport = :{port}')"),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
+                "port",
+                format!("UDP port {port} cannot be bound: {e}"),
+                "ports below 1024 need CAP_NET_BIND_SERVICE (the shipped units grant it)",
+            ),
+            Err(e) => r.fail(
+                "port",
+                format!("UDP port {port} cannot be bound: {e}"),
+                other.to_string(),
+            ),
+        }
     }
 }
 

@@ -403,3 +403,59 @@ fn psk_or_selector_mismatch_is_a_clear_error_and_no_tunnel() {
     );
     assert_ne!(tunnel_status(&x.iface, "hq")["state"], "up");
 }
+
+#[test]
+fn doctor_names_the_ike_daemon_holding_the_ipsec_ports() {
+    if !strongswan::prereq() {
+        return;
+    }
+    let t = Topo::new("ss-doctor");
+    let conn = ConnSpec::for_site(&t, Site::B);
+    let _charon = Charon::start(&t, Site::B, &conn);
+    // A sitewire IPsec site meant for the same host as charon.
+    let key = t.sitewire_key("b");
+    let psk = t.tempdir().join("b.psk");
+    write_file_0600(
+        &psk,
+        format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(&conn.psk)
+        ),
+    );
+    let cfg = IpsecSite {
+        name: "b",
+        iface: &t.ifname("ib"),
+        port: t.port(0),
+        key: &key.path,
+        psk: &psk.to_string_lossy(),
+        endpoint: Some(t.underlay_a.to_string()),
+        local: &t.subnet_b,
+        remote: &t.subnet_a,
+        local_id: "b.sitewire.test",
+        remote_id: "a.sitewire.test",
+        extra: "",
+    }
+    .render();
+    let path = t.tempdir().join("b.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = t.exec(
+        &t.ns_b,
+        &[
+            support::sitewire_bin(),
+            "doctor",
+            "-c",
+            &path.to_string_lossy(),
+        ],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for port in ["500", "4500"] {
+        assert!(
+            text.lines().any(|l| l.starts_with("fail")
+                && l.contains(&format!("UDP port {port} is already taken"))),
+            "{text}"
+        );
+    }
+    assert!(text.contains("charon"), "{text}");
+}
