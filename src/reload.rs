@@ -309,9 +309,16 @@ pub async fn reload(live: Live<'_>, path: &Path) -> ReloadOutcome {
             return ReloadOutcome::refused(path, errors.0.iter().map(|e| e.to_string()).collect())
         }
     };
-    let new_private = match crate::daemon::load_private(&new.site.private_key, "site.private_key") {
-        Ok(k) => k,
-        Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
+    // A Vault-held site key may have been rotated since startup: the key in use stands.
+    let same_vault_key = matches!(&new.site.private_key, crate::config::KeyRef::Vault(_))
+        && new.site.private_key == live.config.site.private_key;
+    let new_private = if same_vault_key {
+        live.dp.private()
+    } else {
+        match crate::daemon::load_private(&new.site.private_key, "site.private_key") {
+            Ok(k) => k,
+            Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
+        }
     };
     let new_specs = match crate::daemon::tunnel_specs(&new) {
         Ok(s) => s,
@@ -322,7 +329,7 @@ pub async fn reload(live: Live<'_>, path: &Path) -> ReloadOutcome {
     let plan = match plan(
         live.config,
         &old_specs,
-        &live.dp.private,
+        &live.dp.private(),
         &new,
         &new_specs,
         &new_private,
@@ -411,8 +418,7 @@ async fn apply(
         let t = Arc::new(WgTunnel::new(
             spec,
             crate::dataplane::fresh_index(&mut used),
-            &dp.private,
-            dp.rate_limiter.clone(),
+            dp.local_key(),
             now,
         ));
         if has_names {
