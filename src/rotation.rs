@@ -189,7 +189,8 @@ impl Task {
 
     /// One round: login, our own published key, the peers' keys, a due rotation.
     async fn poll(&mut self) -> Result<()> {
-        let margin = self.poll_every() * 2 + Duration::from_secs(30);
+        // Renewed at half its TTL, or when fewer than three polls are left.
+        let margin = self.poll_every() * 3;
         self.connected().await?.keep_login(margin).await?;
         if let Some((key, version)) = self.unpublished.take() {
             if let Err(e) = self.publish_and_schedule(key.clone(), version).await {

@@ -98,7 +98,11 @@ fn describe(e: &ClientError) -> String {
         ClientError::APIError { code, errors } => {
             // Vault's own messages ("permission denied", "check-and-set parameter did
             // not match") name no secrets.
-            let text = errors.join("; ");
+            let text = errors
+                .join("; ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             if text.is_empty() {
                 format!("HTTP {code}")
             } else {
