@@ -900,3 +900,87 @@ pub fn policy(cfg: &Config, mount: &str, prefix: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn site(dir: &Path, site: &str, key_file: &Path) -> Config {
+        let text = format!(
+            "[site]\nname = \"{site}\"\ninterface = \"sw0\"\nlisten_port = 51820\n\
+             private_key = \"vault:cache-unit/{site}/private\"\nstate_dir = \"state\"\n\n\
+             [[tunnel]]\nname = \"peer\"\npeer_public_key = \"vault:cache-unit/{site}-peer/public\"\n\
+             remote_subnets = [\"10.9.0.0/24\"]\n\n[vault]\ncache_key_file = \"{}\"\n",
+            key_file.display()
+        );
+        Config::parse(&text, dir).unwrap()
+    }
+
+    #[test]
+    fn key_cache_round_trip_and_refusals() {
+        let dir = std::env::temp_dir().join(format!("sitewire-cache-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("cache.key");
+        keys::write_secret_file(&key_file, "a-cache-key-of-enough-length").unwrap();
+        // Site names unique to this test keep the process-wide key map apart.
+        let cfg = site(&dir, "cacheunit", &key_file);
+        let (own, peer) = ([7u8; 32], [9u8; 32]);
+        set_resolved(
+            "cache-unit/cacheunit/private",
+            "private_key",
+            Zeroizing::new(own),
+        );
+        set_resolved(
+            "cache-unit/cacheunit-peer/public",
+            "public_key",
+            Zeroizing::new(peer),
+        );
+        save_cache(&cfg).unwrap();
+        let file = dir.join("state/cacheunit.vault-cache");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with(CACHE_MAGIC));
+        assert!(
+            !text.contains(&keys::encode_key(&own)) && !text.contains(&keys::encode_key(&peer))
+        );
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        set_resolved(
+            "cache-unit/cacheunit/private",
+            "private_key",
+            Zeroizing::new([0; 32]),
+        );
+        load_cache(&cfg).unwrap();
+        assert_eq!(
+            *resolved_key("cache-unit/cacheunit/private", "private_key").unwrap(),
+            own
+        );
+        assert_eq!(
+            *resolved_key("cache-unit/cacheunit-peer/public", "public_key").unwrap(),
+            peer
+        );
+
+        // Another cache key: refused, naming the file.
+        keys::write_secret_file(&key_file, "another-cache-key-of-enough-length").unwrap();
+        let e = format!("{:#}", load_cache(&cfg).unwrap_err());
+        assert!(
+            e.contains("cannot be decrypted") && e.contains("cache.key"),
+            "{e}"
+        );
+        // Readable by others: refused.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", load_cache(&cfg).unwrap_err());
+        assert!(e.contains("0600"), "{e}");
+        // The cache of another site does not open (the key is bound to the site name).
+        keys::write_secret_file(&key_file, "a-cache-key-of-enough-length").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let other = site(&dir, "cacheunit2", &key_file);
+        std::fs::copy(&file, dir.join("state/cacheunit2.vault-cache")).unwrap();
+        assert!(load_cache(&other).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
