@@ -325,7 +325,15 @@ pub async fn reload(live: Live<'_>, path: &Path) -> ReloadOutcome {
         Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
     };
     let table = live.dp.tunnels.load_full();
-    let old_specs: Vec<WgTunnelSpec> = table.list.iter().map(|t| t.spec.clone()).collect();
+    // Compared with the peer keys in use (a Vault-held peer key may have rotated since).
+    let old_specs: Vec<WgTunnelSpec> = table
+        .list
+        .iter()
+        .map(|t| WgTunnelSpec {
+            peer_public_key: t.peer_public_key(),
+            ..t.spec.clone()
+        })
+        .collect();
     let plan = match plan(
         live.config,
         &old_specs,

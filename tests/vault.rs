@@ -520,6 +520,25 @@ fn key_rotation_under_traffic() {
     assert_ne!(now_key, first_key);
     let versions = bao.private_versions(&t, "a");
     assert!(versions.len() > rotations, "{} versions", versions.len());
+    // A reload of the unchanged files keeps the rotated keys and the tunnel as they are.
+    for iface in [&if_a, &if_b] {
+        let out = t.exec_ok(
+            &t.ns_a,
+            &[
+                support::sitewire_bin(),
+                "reload",
+                "--json",
+                "--interface",
+                iface,
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["applied"], true, "{out}");
+        assert!(
+            v["changed"].as_array().is_some_and(|c| c.is_empty()),
+            "{out}"
+        );
+    }
     let block = t.ping(&t.ns_a, t.host_a, t.host_b, 50, 0.01);
     assert_eq!(block.received, block.sent, "after the rotations");
 
