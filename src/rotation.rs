@@ -216,8 +216,10 @@ impl Task {
         let Some((private_path, public_path)) = self.own.clone() else {
             return Ok(());
         };
-        let p = self.connected().await?.read_published(&public_path).await?;
         let ours = self.dp.public();
+        let Some(p) = self.read_own_published(&private_path, &public_path).await? else {
+            return Ok(());
+        };
         let scheduled = self.scheduled.as_ref().map(|(_, s)| s.key);
         if p.key == ours || Some(p.key) == scheduled {
             self.published = Some(p);
@@ -250,16 +252,40 @@ impl Task {
         Ok(())
     }
 
+    /// Our publication; if there is none (a key written by hand), the key in use is
+    /// published now.
+    async fn read_own_published(
+        &mut self,
+        private_path: &str,
+        public_path: &str,
+    ) -> Result<Option<Published>> {
+        let ours = self.dp.public();
+        let v = self.connected().await?;
+        if let Some(p) = v.read_published_opt(public_path).await? {
+            return Ok(Some(p));
+        }
+        let p = Published {
+            key: ours,
+            version: v.current_version(private_path).await?,
+            not_before: unix_now(),
+        };
+        v.publish(public_path, &p).await?;
+        tracing::info!(path = %public_path, public_key = %p.key, "nothing published for the site key: published the key in use");
+        self.published = Some(p);
+        Ok(None)
+    }
+
     async fn follow_peers(&mut self) -> Result<()> {
         let mut seen = Vec::new();
         let paths: Vec<String> = self.peers.iter().map(|w| w.path.clone()).collect();
         let v = self.connected().await?;
         for path in &paths {
-            seen.push(v.read_published(path).await?);
+            // A peer that publishes nothing (yet) keeps the key it has.
+            seen.push(v.read_published_opt(path).await?);
         }
         let table = self.dp.tunnels.load_full();
         for (w, p) in self.peers.iter_mut().zip(seen) {
-            let Some(t) = table.by_name(&w.tunnel) else {
+            let (Some(t), Some(p)) = (table.by_name(&w.tunnel), p) else {
                 continue;
             };
             if t.peer_public_key() == p.key || w.pending.is_some_and(|q| q.key == p.key) {

@@ -343,22 +343,32 @@ impl Vault {
         })
     }
 
+    /// The published public key at `path`; None if nothing is published there.
+    /// (A read of the data path only: the policy grants no metadata access there.)
+    pub async fn read_published_opt(&self, path: &str) -> Result<Option<Published>> {
+        let r = vaultrs::kv2::read::<HashMap<String, serde_json::Value>>(
+            &self.client,
+            &self.mount,
+            path,
+        )
+        .await;
+        self.record("read", &r);
+        match r {
+            Ok(data) => published_from(path, &data).map(Some),
+            Err(ClientError::APIError { code: 404, .. }) => Ok(None),
+            Err(e) => bail!(
+                "vault:{path} (Vault at {}, mount {}): read failed: {}",
+                self.address,
+                self.mount,
+                describe(&e)
+            ),
+        }
+    }
+
     /// The published public key at `path`.
     pub async fn read_published(&self, path: &str) -> Result<Published> {
         let data = self.read_map(path, None).await?;
-        let text = data
-            .get("public_key")
-            .or_else(|| data.get("key"))
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| anyhow!("vault:{path}: no \"public_key\" string field"))?;
-        let key = crate::keys::PublicKey::from_base64(text)
-            .map_err(|_| anyhow!("vault:{path}: public_key is not base64 of 32 bytes"))?;
-        let num = |k: &str| data.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        Ok(Published {
-            key,
-            version: num("version"),
-            not_before: num("not_before"),
-        })
+        published_from(path, &data)
     }
 
     /// The current version of the KV v2 secret at `path` (0: none).
@@ -537,6 +547,22 @@ impl Vault {
         self.record("write", &r);
         r.map(|m| m.version)
     }
+}
+
+fn published_from(path: &str, data: &HashMap<String, serde_json::Value>) -> Result<Published> {
+    let text = data
+        .get("public_key")
+        .or_else(|| data.get("key"))
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow!("vault:{path}: no \"public_key\" string field"))?;
+    let key = crate::keys::PublicKey::from_base64(text)
+        .map_err(|_| anyhow!("vault:{path}: public_key is not base64 of 32 bytes"))?;
+    let num = |k: &str| data.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    Ok(Published {
+        key,
+        version: num("version"),
+        not_before: num("not_before"),
+    })
 }
 
 /// Unix time in seconds.
