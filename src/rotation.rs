@@ -15,6 +15,7 @@
 //!    current one, which keeps carrying traffic until the new one does. The replaced key
 //!    is still accepted in handshakes until the next rotation.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -222,6 +223,14 @@ impl Task {
         };
         let scheduled = self.scheduled.as_ref().map(|(_, s)| s.key);
         if p.key == ours || Some(p.key) == scheduled {
+            if p.key == ours {
+                let _ = self.dp.key_since.compare_exchange(
+                    0,
+                    p.not_before.min(unix_now()),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
             self.published = Some(p);
             return Ok(());
         }
@@ -315,6 +324,7 @@ impl Task {
         {
             if let Some((key, p)) = self.scheduled.take() {
                 self.dp.switch_key(&key, &mut self.out);
+                self.dp.key_since.store(now, Ordering::Relaxed);
                 if let Some((private_path, _)) = &self.own {
                     crate::vault::set_resolved(
                         private_path,

@@ -672,6 +672,15 @@ fn vault_outage_and_key_cache() {
         ),
         "sitewire_vault_up not back to 1"
     );
+    // The site key's age restarts with each rotation (rotate_every 4 s + 2 s announcement).
+    let age = metric(
+        &t,
+        &t.ns_a,
+        &metrics_a,
+        "sitewire_key_age_seconds{key=\"site\"}",
+    )
+    .expect("no site key age");
+    assert!(age < 15.0, "site key age {age} s");
     let unreachable = t.exec_ok(
         &t.ns_a,
         &["curl", "-s", &format!("http://{metrics_a}/metrics")],

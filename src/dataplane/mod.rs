@@ -207,6 +207,9 @@ pub struct Dataplane {
     pub tunnels: ArcSwap<TunnelTable>,
     /// The site's static keys (swapped whole by a key rotation).
     pub keys: ArcSwap<SiteKeys>,
+    /// Unix time (s) the site key in use came into use, for keys held in Vault (0: not
+    /// known yet); file keys are aged by their modification time instead.
+    pub key_since: std::sync::atomic::AtomicU64,
     pub listen_port: u16,
     /// Drops not attributable to a tunnel.
     pub drops: Drops,
@@ -256,6 +259,7 @@ impl Dataplane {
                 pending: None,
                 previous: None,
             }),
+            key_since: std::sync::atomic::AtomicU64::new(0),
             listen_port,
             drops: Drops::default(),
             ike_tx: std::sync::OnceLock::new(),
