@@ -32,6 +32,7 @@ use crate::vault::{unix_now, CasWrite, Published, Vault};
 const STEP: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const ROTATE_RETRY_MAX: Duration = Duration::from_secs(3600);
 
 /// Requests from the control socket.
 pub enum Command {
@@ -63,6 +64,8 @@ pub struct Task {
     peers: Vec<PeerWatch>,
     backoff: Duration,
     next_poll: Instant,
+    /// After a failed scheduled rotation: when to try again, and the wait used.
+    rotate_retry: Option<(Instant, Duration)>,
     down_since: Option<Instant>,
     out: Vec<u8>,
 }
@@ -114,6 +117,7 @@ impl Task {
             peers,
             backoff: BACKOFF_MIN,
             next_poll: Instant::now(),
+            rotate_retry: None,
             down_since: None,
             out: vec![0u8; MAX_PACKET],
         }
@@ -203,9 +207,26 @@ impl Task {
         self.follow_peers().await?;
         if let (Some(every), Some(p)) = (self.rotate_every(), &self.published) {
             let due = p.not_before.saturating_add(every.as_secs().max(1));
-            if self.scheduled.is_none() && self.unpublished.is_none() && unix_now() >= due {
-                if let Err(e) = self.rotate_now("scheduled").await {
-                    tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed");
+            let retry_ok = self.rotate_retry.is_none_or(|(at, _)| Instant::now() >= at);
+            if self.scheduled.is_none()
+                && self.unpublished.is_none()
+                && unix_now() >= due
+                && retry_ok
+            {
+                match self.rotate_now("scheduled").await {
+                    Ok(_) => self.rotate_retry = None,
+                    Err(e) if !crate::vault::stats().is_up() => {
+                        // Vault went away: retried with the polls' backoff.
+                        tracing::warn!(error = %format!("{e:#}"), "scheduled key rotation failed");
+                    }
+                    Err(e) => {
+                        // Retried after 1 min, doubling up to 1 h (a denied write stays denied).
+                        let wait = self.rotate_retry.map_or(Duration::from_secs(60), |(_, w)| {
+                            (w * 2).min(ROTATE_RETRY_MAX)
+                        });
+                        self.rotate_retry = Some((Instant::now() + wait, wait));
+                        tracing::error!(error = %format!("{e:#}"), retry_in = ?wait, "scheduled key rotation failed");
+                    }
                 }
             }
         }

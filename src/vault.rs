@@ -43,6 +43,11 @@ impl VaultStats {
         *m.entry((op, result)).or_default() += 1;
     }
 
+    /// Did the last request reach Vault?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> VaultSnapshot {
         let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         VaultSnapshot {

@@ -919,8 +919,10 @@ fn approle_least_privilege() {
     let read_only = "path \"secret/data/sitewire/sites/*\" {\n  capabilities = [\"read\"]\n}\n\
                      path \"secret/metadata/sitewire/sites/*\" {\n  capabilities = [\"read\"]\n}\n";
     let (role, secret) = approle(&t, &bao, "sw-a-ro", read_only);
-    let cfg_ro =
-        cfg_a[..cfg_a.find("\n[vault]").unwrap()].to_string() + &approle_section(&role, &secret);
+    // (Scheduled rotation too: it fails once, then waits a minute before trying again.)
+    let cfg_ro = cfg_a[..cfg_a.find("\n[vault]").unwrap()].to_string()
+        + &approle_section(&role, &secret)
+        + "rotate_every = \"1s\"\n";
     let a2 = t.start_sitewire(Site::A, "a-ro", &cfg_ro);
     assert!(
         wait_tunnel_up(&if_a, "to-b", Duration::from_secs(15)),
@@ -937,6 +939,9 @@ fn approle_least_privilege() {
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(wg_public_key(&t, &if_a), key);
+    let scheduled_failures = count(&a2.log(), "scheduled key rotation failed");
+    assert_eq!(scheduled_failures, 1, "{}", a2.log_tail(40));
+    assert!(a2.log().contains("retry_in=60s"), "{}", a2.log_tail(40));
     assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(10)));
     let block = t.ping(&t.ns_a, t.host_a, t.host_b, 50, 0.01);
     assert_eq!(block.received, block.sent);
