@@ -79,12 +79,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Rekey an IKE-keyed tunnel now: a fresh key exchange and a new WireGuard PSK,
-    /// switched over without dropping packets.
+    /// Rekey an IKE-keyed tunnel now (a fresh key exchange and a new WireGuard PSK), or
+    /// with --key rotate the site's static key held in Vault; switched over without
+    /// dropping packets.
     Rotate {
         /// The tunnel (its [[tunnel]] name).
+        #[arg(long, required_unless_present = "key", conflicts_with = "key")]
+        tunnel: Option<String>,
+        /// Rotate the site's static key (site.private_key = "vault:<path>").
         #[arg(long)]
-        tunnel: String,
+        key: bool,
         #[arg(short, long, conflicts_with = "interface")]
         config: Option<PathBuf>,
         /// The site's interface; default: the only site running on this host.
@@ -208,9 +212,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => runtime()?.block_on(reload(config, interface, json)),
         Command::Rotate {
             tunnel,
+            key,
             config,
             interface,
-        } => runtime()?.block_on(rotate(tunnel, config, interface)),
+        } => runtime()?.block_on(rotate(tunnel, key, config, interface)),
         Command::Doctor { config } => {
             let ok = runtime()?.block_on(crate::doctor::main(&config));
             Ok(if ok {
@@ -365,7 +370,8 @@ async fn reload(
 }
 
 async fn rotate(
-    tunnel: String,
+    tunnel: Option<String>,
+    key: bool,
     config: Option<PathBuf>,
     interface: Option<String>,
 ) -> Result<ExitCode> {
@@ -377,7 +383,11 @@ async fn rotate(
             _ => bail!("several sites run here: name one with --interface or --config"),
         },
     };
-    match control::request(&socket, &Request::Rotate { tunnel }).await? {
+    let req = match tunnel {
+        Some(tunnel) if !key => Request::Rotate { tunnel },
+        _ => Request::RotateKey,
+    };
+    match control::request(&socket, &req).await? {
         Response::Ok(msg) => {
             println!("{msg}");
             Ok(ExitCode::SUCCESS)

@@ -45,6 +45,8 @@ pub enum Request {
     Rotate {
         tunnel: String,
     },
+    /// Rotate the site's static key (held in Vault) now.
+    RotateKey,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,6 +68,8 @@ pub struct SiteView {
     pub reload: Option<tokio::sync::mpsc::Sender<ReloadRequest>>,
     /// The IKE driver's commands; None: no IKE-keyed tunnels.
     pub ike: Option<tokio::sync::mpsc::Sender<crate::ikewg::Command>>,
+    /// The Vault task's commands; None: no keys in Vault.
+    pub keys: Option<tokio::sync::mpsc::Sender<crate::rotation::Command>>,
 }
 
 impl SiteView {
@@ -122,12 +126,35 @@ async fn control_conn(stream: UnixStream, view: &SiteView) -> Result<()> {
         Ok(Request::Status) => Response::Status(Box::new(view.status())),
         Ok(Request::Reload { config }) => reload_request(view, config).await,
         Ok(Request::Rotate { tunnel }) => rotate_request(view, tunnel).await,
+        Ok(Request::RotateKey) => rotate_key_request(view).await,
         Err(e) => Response::Error(format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     wr.write_all(&out).await?;
     Ok(())
+}
+
+async fn rotate_key_request(view: &SiteView) -> Response {
+    let Some(tx) = &view.keys else {
+        return Response::Error(
+            "this site's key is not in Vault (site.private_key = \"vault:<path>\" enables rotation)"
+                .into(),
+        );
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx
+        .send(crate::rotation::Command::RotateKey { reply })
+        .await
+        .is_err()
+    {
+        return Response::Error("the daemon is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(msg)) => Response::Ok(msg),
+        Ok(Err(e)) => Response::Error(e),
+        Err(_) => Response::Error("the daemon is shutting down".into()),
+    }
 }
 
 async fn rotate_request(view: &SiteView, tunnel: String) -> Response {
@@ -232,10 +259,10 @@ fn hex(bytes: &[u8]) -> String {
 pub fn uapi_get(dp: &Dataplane) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut s = String::new();
-    let _ = writeln!(s, "private_key={}", hex(dp.private.as_bytes()));
+    let _ = writeln!(s, "private_key={}", hex(dp.private().as_bytes()));
     let _ = writeln!(s, "listen_port={}", dp.listen_port);
     for t in &dp.tunnels.load().list {
-        let _ = writeln!(s, "public_key={}", hex(t.spec.peer_public_key.as_bytes()));
+        let _ = writeln!(s, "public_key={}", hex(t.peer_public_key().as_bytes()));
         if let Some(psk) = t.current_psk() {
             let _ = writeln!(s, "preshared_key={}", hex(&psk[..]));
         }

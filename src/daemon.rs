@@ -210,7 +210,14 @@ fn disable_ipv6(interface: &str) {
 
 pub async fn up(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow!("{}:\n{e}", config_path.display()))?;
-    crate::vault::resolve(&cfg).await?;
+    if crate::vault::used(&cfg) {
+        // Key material must not end up in core dumps.
+        // SAFETY: prctl(PR_SET_DUMPABLE) takes no pointers.
+        unsafe {
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        }
+    }
+    let vault = crate::vault::resolve(&cfg).await?;
     let private = load_private(&cfg.site.private_key, "site.private_key")?;
     let specs = tunnel_specs(&cfg)?;
     let esp_specs = ipsec_specs(&cfg)?;
@@ -258,7 +265,7 @@ pub async fn up(config_path: &Path) -> Result<()> {
         routes: Vec::new(),
         sockets: Vec::new(),
     };
-    let result = run(cfg, config_path, dp, &mut installed, started).await;
+    let result = run(cfg, config_path, dp, &mut installed, started, vault).await;
     crate::sdnotify::stopping();
     installed.remove().await;
     result
@@ -270,6 +277,7 @@ async fn run(
     dp: Arc<Dataplane>,
     installed: &mut Installed,
     started: SystemTime,
+    vault: Option<crate::vault::Vault>,
 ) -> Result<()> {
     let mut config_path = std::path::absolute(config_path)?;
     for t in &cfg.tunnels {
@@ -298,6 +306,7 @@ async fn run(
         started,
         reload: Some(reload_tx),
         ike: ike_cmd,
+        keys: crate::rotation::spawn(&cfg, dp.clone(), vault),
     });
     let ctl_path = control::control_socket_path(&cfg.site.interface);
     let ctl = control::bind_private(&ctl_path, 0o700)?;
@@ -337,7 +346,7 @@ async fn run(
         site = %cfg.site.name,
         interface = %cfg.site.interface,
         port = dp.listen_port,
-        public_key = %dp.public,
+        public_key = %dp.public(),
         tunnels = cfg.tunnels.len(),
         "site up"
     );
@@ -356,7 +365,7 @@ async fn run(
                 ticks += 1;
                 if ticks.is_multiple_of(4) {
                     // A shared limiter is not reset by boringtun's own timers.
-                    dp.rate_limiter.reset_count();
+                    dp.reset_limiters();
                 }
                 let wants = dp.tick(&mut out);
                 if !wants.is_empty() {

@@ -307,15 +307,15 @@ impl Driver {
         let mut peers = Vec::new();
         let mut tunnels = Vec::new();
         for t in table.list.iter().filter(|t| t.spec.ike) {
-            let Some(psk) = derive_psk(&dp.private, &t.spec.peer_public_key) else {
+            let Some(psk) = derive_psk(&dp.private(), &t.peer_public_key()) else {
                 tracing::error!(tunnel = %t.spec.name, "peer public key is a low-order point: IKE keying impossible");
                 continue;
             };
             let dpd = t.spec.dpd;
             peers.push(PeerConfig {
                 name: t.spec.name.clone(),
-                local_id: key_id(&dp.public),
-                remote_id: key_id(&t.spec.peer_public_key),
+                local_id: key_id(&dp.public()),
+                remote_id: key_id(&t.peer_public_key()),
                 psk,
                 ike_aeads: vec![
                     AeadAlg::ChaCha20Poly1305,

@@ -16,6 +16,7 @@ pub mod netprobe;
 pub mod probe;
 pub mod proto;
 pub mod reload;
+pub mod rotation;
 pub mod sdnotify;
 pub mod status;
 pub mod vault;

@@ -136,7 +136,7 @@ pub const NEXT_REKEY: Family = family(
 pub const KEY_AGE: Family = family(
     "key_age_seconds",
     Gauge,
-    "Age of key material: key=site (the site private key), key=psk (a tunnel's preshared key); file keys by modification time",
+    "Age of key material: key=site (the site private key), key=psk (a tunnel's preshared key); file keys by modification time, a Vault-held site key since it came into use",
 );
 pub const VAULT_UP: Family = family(
     "vault_up",
@@ -539,12 +539,21 @@ impl SnapshotSource for DataplaneSource {
     fn snapshot(&self) -> SiteSnapshot {
         let now = SystemTime::now();
         let table = self.dp.tunnels.load();
-        let site = self.site_key.as_deref().and_then(|p| {
-            Some(KeyAge {
-                key: "site",
-                tunnel: None,
-                age_secs: file_age(p, now)?,
-            })
+        let site = match self.site_key.as_deref() {
+            Some(p) => file_age(p, now),
+            // A Vault-held key: since it came into use (rotation or publication).
+            None => match self.dp.key_since.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => None,
+                since => now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|n| n.as_secs_f64() - since as f64),
+            },
+        }
+        .map(|age_secs| KeyAge {
+            key: "site",
+            tunnel: None,
+            age_secs: age_secs.max(0.0),
         });
         let psks = table.list.iter().filter_map(|t| {
             Some(KeyAge {

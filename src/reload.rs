@@ -309,20 +309,35 @@ pub async fn reload(live: Live<'_>, path: &Path) -> ReloadOutcome {
             return ReloadOutcome::refused(path, errors.0.iter().map(|e| e.to_string()).collect())
         }
     };
-    let new_private = match crate::daemon::load_private(&new.site.private_key, "site.private_key") {
-        Ok(k) => k,
-        Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
+    // A Vault-held site key may have been rotated since startup: the key in use stands.
+    let same_vault_key = matches!(&new.site.private_key, crate::config::KeyRef::Vault(_))
+        && new.site.private_key == live.config.site.private_key;
+    let new_private = if same_vault_key {
+        live.dp.private()
+    } else {
+        match crate::daemon::load_private(&new.site.private_key, "site.private_key") {
+            Ok(k) => k,
+            Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
+        }
     };
     let new_specs = match crate::daemon::tunnel_specs(&new) {
         Ok(s) => s,
         Err(e) => return ReloadOutcome::refused(path, vec![format!("{e:#}")]),
     };
     let table = live.dp.tunnels.load_full();
-    let old_specs: Vec<WgTunnelSpec> = table.list.iter().map(|t| t.spec.clone()).collect();
+    // Compared with the peer keys in use (a Vault-held peer key may have rotated since).
+    let old_specs: Vec<WgTunnelSpec> = table
+        .list
+        .iter()
+        .map(|t| WgTunnelSpec {
+            peer_public_key: t.peer_public_key(),
+            ..t.spec.clone()
+        })
+        .collect();
     let plan = match plan(
         live.config,
         &old_specs,
-        &live.dp.private,
+        &live.dp.private(),
         &new,
         &new_specs,
         &new_private,
@@ -411,8 +426,7 @@ async fn apply(
         let t = Arc::new(WgTunnel::new(
             spec,
             crate::dataplane::fresh_index(&mut used),
-            &dp.private,
-            dp.rate_limiter.clone(),
+            dp.local_key(),
             now,
         ));
         if has_names {

@@ -110,7 +110,7 @@ impl TunnelStatus {
                 .clone(),
             state,
             endpoint: t.endpoint().map(|e| e.to_string()),
-            peer_public_key: t.spec.peer_public_key.to_base64(),
+            peer_public_key: t.peer_public_key().to_base64(),
             local_subnets: to_strings(&t.spec.local_subnets),
             remote_subnets: to_strings(&t.spec.remote_subnets),
             last_handshake: last,
@@ -229,7 +229,7 @@ impl SiteStatus {
         Self {
             site: site.to_owned(),
             interface: interface.to_owned(),
-            public_key: dp.public.to_base64(),
+            public_key: dp.public().to_base64(),
             listen_port: dp.listen_port,
             uptime_secs: started.elapsed().map_or(0, |d| d.as_secs()),
             drops: owned(dp.drops.snapshot()),

@@ -24,6 +24,9 @@ const VAULT_KEYS: &[&str] = &[
     "token_file",
     "role_id_file",
     "secret_id_file",
+    "rotate_every",
+    "poll_every",
+    "cache_key_file",
 ];
 const SITE_KEYS: &[&str] = &[
     "name",
@@ -32,6 +35,7 @@ const SITE_KEYS: &[&str] = &[
     "private_key",
     "address",
     "mtu",
+    "state_dir",
 ];
 const METRICS_KEYS: &[&str] = &["listen"];
 const DPD_KEYS: &[&str] = &["interval", "timeout", "action"];
@@ -68,6 +72,8 @@ const TUNNEL_KEYS: &[&str] = &[
 ];
 
 const DEFAULT_MTU: u16 = 1420;
+const DEFAULT_STATE_DIR: &str = "/var/lib/sitewire";
+const DEFAULT_VAULT_POLL: Duration = Duration::from_secs(60);
 const DEFAULT_REKEY: Duration = Duration::from_secs(120);
 /// IPsec IKE SA lifetime before a rekey (strongSwan's default `rekey_time`).
 const DEFAULT_IKE_REKEY: Duration = Duration::from_secs(4 * 3600);
@@ -375,6 +381,18 @@ impl Builder<'_> {
                 span: a.span.clone(),
             })
             .collect();
+        let base_dir = self.base_dir;
+        let state_dir = match sec.string(&mut self.ctx, "state_dir") {
+            Some(s) => self.parse(&s, |text| {
+                if text.trim().is_empty() {
+                    return Err("empty state_dir: expected a directory path".to_string());
+                }
+                let joined = base_dir.join(text);
+                Ok(std::path::absolute(&joined).unwrap_or(joined))
+            }),
+            None if sec.has("state_dir") => None,
+            None => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+        };
         let site = (|| {
             Some(Site {
                 name: name?,
@@ -383,6 +401,7 @@ impl Builder<'_> {
                 private_key: private_key?,
                 address: unlocate(address, address_ok)?,
                 mtu: mtu?,
+                state_dir: state_dir?,
             })
         })();
         (site, nets)
@@ -465,6 +484,23 @@ impl Builder<'_> {
         let token_file = file(self, "token_file");
         let role_id_file = file(self, "role_id_file");
         let secret_id_file = file(self, "secret_id_file");
+        let cache_key_file = file(self, "cache_key_file");
+        let rotate_every = self.duration(sec, "rotate_every", |d| {
+            if d < Duration::from_secs(1) {
+                Err("expected at least 1s".into())
+            } else {
+                Ok(())
+            }
+        });
+        let poll_every = self
+            .duration(sec, "poll_every", |d| {
+                if d < Duration::from_millis(100) {
+                    Err("expected at least 100ms".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .map(|d| d.unwrap_or(DEFAULT_VAULT_POLL));
         if let (Some(r), Some(s)) = (&role_id_file, &secret_id_file) {
             if r.is_some() != s.is_some() {
                 let key = if r.is_some() {
@@ -499,6 +535,9 @@ impl Builder<'_> {
             token_file: token_file?,
             role_id_file: role_id_file?,
             secret_id_file: secret_id_file?,
+            rotate_every: rotate_every?,
+            poll_every: poll_every?,
+            cache_key_file: cache_key_file?,
         })
     }
 

@@ -43,6 +43,13 @@ pub struct Vault {
     pub token_file: Option<PathBuf>,
     pub role_id_file: Option<PathBuf>,
     pub secret_id_file: Option<PathBuf>,
+    /// Rotate the site's static key this often (None: only on `sitewire rotate --key`).
+    pub rotate_every: Option<Duration>,
+    /// How often published public keys (the peers' and our own) are read.
+    pub poll_every: Duration,
+    /// Enables the encrypted key cache under `site.state_dir`; the cache key is derived
+    /// from this file's contents (which must not live beside the cache).
+    pub cache_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,8 @@ pub struct Site {
     /// Addresses for the TUN device, host bits kept (`10.77.0.1/24`).
     pub address: Vec<IpNet>,
     pub mtu: u16,
+    /// Where the daemon keeps state (the encrypted Vault key cache).
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

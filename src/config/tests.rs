@@ -951,6 +951,13 @@ fn vault_section_defaults_and_files() {
     assert_eq!(v.prefix, "sitewire");
     assert_eq!(v.token_file, Some(d.0.join("keys/vault.token")));
     assert_eq!(v.role_id_file, None);
+    assert_eq!(v.rotate_every, None);
+    assert_eq!(v.poll_every, std::time::Duration::from_secs(60));
+    assert_eq!(v.cache_key_file, None);
+    assert_eq!(
+        cfg.site.state_dir,
+        std::path::PathBuf::from("/var/lib/sitewire")
+    );
     // No [vault]: none (VAULT_ADDR / VAULT_TOKEN are read at run time).
     assert_eq!(d.parse(&site()).unwrap().vault, None);
 }
@@ -980,4 +987,42 @@ fn vault_section_errors_have_path_and_line() {
         "vault.secret_id_file",
         "AppRole needs role_id_file and secret_id_file",
     );
+}
+
+#[test]
+fn vault_rotation_and_cache_keys() {
+    let d = Dir::new();
+    d.key("keys/cache.key", "not-a-real-cache-key\n", 0o600);
+    let text = format!(
+        "{}\n[vault]\nrotate_every = \"30d\"\npoll_every = \"500ms\"\ncache_key_file = \"keys/cache.key\"\n",
+        site().replace("[site]\n", "[site]\nstate_dir = \"state\"\n")
+    );
+    let cfg = d.parse(&text).unwrap();
+    let v = cfg.vault.unwrap();
+    assert_eq!(
+        v.rotate_every,
+        Some(std::time::Duration::from_secs(30 * 86400))
+    );
+    assert_eq!(v.poll_every, std::time::Duration::from_millis(500));
+    assert_eq!(v.cache_key_file, Some(d.0.join("keys/cache.key")));
+    assert_eq!(cfg.site.state_dir, d.0.join("state"));
+
+    let bad = format!(
+        "{}\n[vault]\nrotate_every = \"100ms\"\npoll_every = \"soon\"\ncache_key_file = \"keys/none\"\n",
+        site().replace("[site]\n", "[site]\nstate_dir = \"\"\n")
+    );
+    let errs = d.errors(&bad);
+    let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    for (path, what) in [
+        ("vault.rotate_every", "at least 1s"),
+        ("vault.poll_every", ""),
+        ("vault.cache_key_file", "no such file"),
+        ("site.state_dir", "empty state_dir"),
+    ] {
+        assert!(
+            errs.iter()
+                .any(|e| e.path == path && e.line.is_some() && e.message.contains(what)),
+            "no {path}: {what} in {shown:#?}"
+        );
+    }
 }

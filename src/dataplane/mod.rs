@@ -30,7 +30,7 @@ use crate::proto::ike::engine::Via;
 use esp::{EspTunnel, SpiMap};
 use router::Router;
 use stats::{DropReason, Drops};
-use wg::{WgTunnel, WgTunnelSpec};
+use wg::{Target, WgTunnel, WgTunnelSpec};
 
 /// Handshakes per second the site answers before it demands cookies. Counted twice per
 /// handshake (once to route it, once inside boringtun), hence the factor of two.
@@ -128,7 +128,9 @@ impl TunnelTable {
         let mut t = Self::default();
         for (i, tun) in list.iter().enumerate() {
             t.by_index.insert(tun.index, i);
-            t.by_key.insert(tun.spec.peer_public_key.0, i);
+            for k in tun.peer_keys() {
+                t.by_key.insert(k, i);
+            }
             for net in &tun.spec.remote_subnets {
                 t.router.insert(*net, Route::Wg(i));
             }
@@ -149,12 +151,12 @@ impl TunnelTable {
 
     /// The tunnel and session slot a receiver index names (boringtun puts our index in
     /// its top 24 bits; the low two of those select the session).
-    fn session(&self, receiver_idx: u32) -> Option<(usize, Option<u32>)> {
+    fn session(&self, receiver_idx: u32) -> Option<(usize, Target)> {
         let index = receiver_idx >> 8;
         let slot = index & (wg::SESSION_SLOTS - 1);
         self.by_index
             .get(&(index & !(wg::SESSION_SLOTS - 1)))
-            .map(|&i| (i, Some(slot)))
+            .map(|&i| (i, Target::Slot(slot)))
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<WgTunnel>> {
@@ -162,13 +164,52 @@ impl TunnelTable {
     }
 }
 
+/// One static key of the site, with the rate limiter that checks handshakes' mac1
+/// against its public key.
+pub struct LocalKey {
+    pub private: PrivateKey,
+    pub public: PublicKey,
+    pub limiter: Arc<RateLimiter>,
+}
+
+impl LocalKey {
+    pub fn new(private: PrivateKey) -> Arc<Self> {
+        let public = private.public_key();
+        let limiter = Arc::new(RateLimiter::new(&public.to_dalek(), HANDSHAKE_RATE_LIMIT));
+        Arc::new(Self {
+            private,
+            public,
+            limiter,
+        })
+    }
+}
+
+/// The site's static keys: the one in use, and during a rotation the announced next
+/// key and the replaced one, both still accepted in handshakes (make-before-break).
+#[derive(Clone)]
+pub struct SiteKeys {
+    pub current: Arc<LocalKey>,
+    pub pending: Option<Arc<LocalKey>>,
+    pub previous: Option<Arc<LocalKey>>,
+}
+
+impl SiteKeys {
+    fn all(&self) -> impl Iterator<Item = (&Arc<LocalKey>, bool)> {
+        std::iter::once((&self.current, true))
+            .chain(self.pending.iter().map(|k| (k, true)))
+            .chain(self.previous.iter().map(|k| (k, false)))
+    }
+}
+
 pub struct Dataplane {
     pub wire: Wire,
     pub tun: tun_rs::SyncDevice,
     pub tunnels: ArcSwap<TunnelTable>,
-    pub rate_limiter: Arc<RateLimiter>,
-    pub private: PrivateKey,
-    pub public: PublicKey,
+    /// The site's static keys (swapped whole by a key rotation).
+    pub keys: ArcSwap<SiteKeys>,
+    /// Unix time (s) the site key in use came into use, for keys held in Vault (0: not
+    /// known yet); file keys are aged by their modification time instead.
+    pub key_since: std::sync::atomic::AtomicU64,
     pub listen_port: u16,
     /// Drops not attributable to a tunnel.
     pub drops: Drops,
@@ -207,16 +248,18 @@ impl Dataplane {
             Some((w, s)) => (Some(w), s),
             None => (None, Vec::new()),
         };
-        let public = private.public_key();
-        let rate_limiter = Arc::new(RateLimiter::new(&public.to_dalek(), HANDSHAKE_RATE_LIMIT));
+        let local = LocalKey::new(private);
         let listen_port = wire.local_port()?;
         let dp = Self {
             wire,
             tun,
             tunnels: ArcSwap::from_pointee(TunnelTable::default()),
-            rate_limiter,
-            private,
-            public,
+            keys: ArcSwap::from_pointee(SiteKeys {
+                current: local.clone(),
+                pending: None,
+                previous: None,
+            }),
+            key_since: std::sync::atomic::AtomicU64::new(0),
             listen_port,
             drops: Drops::default(),
             ike_tx: std::sync::OnceLock::new(),
@@ -229,13 +272,7 @@ impl Dataplane {
             .into_iter()
             .map(|spec| {
                 let index = fresh_index(&mut used);
-                Arc::new(WgTunnel::new(
-                    spec,
-                    index,
-                    &dp.private,
-                    dp.rate_limiter.clone(),
-                    now,
-                ))
+                Arc::new(WgTunnel::new(spec, index, local.clone(), now))
             })
             .collect();
         let esp = esp_specs
@@ -244,6 +281,91 @@ impl Dataplane {
             .collect();
         dp.tunnels.store(Arc::new(TunnelTable::with_esp(list, esp)));
         Ok(dp)
+    }
+
+    /// The site's private key in use.
+    pub fn private(&self) -> PrivateKey {
+        self.keys.load().current.private.clone()
+    }
+
+    /// The site's public key in use.
+    pub fn public(&self) -> PublicKey {
+        self.keys.load().current.public
+    }
+
+    /// The key in use, with its rate limiter (for new tunnels).
+    pub fn local_key(&self) -> Arc<LocalKey> {
+        self.keys.load().current.clone()
+    }
+
+    /// Resets the handshake rate limiters' counts (once a second).
+    pub fn reset_limiters(&self) {
+        for (k, _) in self.keys.load().all() {
+            k.limiter.reset_count();
+        }
+    }
+
+    /// Rotation, step 1: accept handshakes to `next` before its public key is published.
+    pub fn announce_key(&self, next: PrivateKey) {
+        let local = LocalKey::new(next);
+        self.keys.rcu(|k| SiteKeys {
+            current: k.current.clone(),
+            pending: Some(local.clone()),
+            previous: k.previous.clone(),
+        });
+    }
+
+    /// The announced key will not be used (its rotation failed).
+    pub fn cancel_announced_key(&self) {
+        self.keys.rcu(|k| SiteKeys {
+            current: k.current.clone(),
+            pending: None,
+            previous: k.previous.clone(),
+        });
+    }
+
+    /// Rotation, step 2: use `next` from now on. Every static-keyed tunnel starts a
+    /// session under it beside the current one, which carries traffic until the new one
+    /// does; the replaced key is still accepted in handshakes.
+    pub fn switch_key(&self, next: &PrivateKey, out: &mut [u8]) {
+        let keys = self.keys.load_full();
+        if keys.current.private.as_bytes() == next.as_bytes() {
+            return;
+        }
+        let local = match &keys.pending {
+            Some(p) if p.private.as_bytes() == next.as_bytes() => p.clone(),
+            _ => LocalKey::new(next.clone()),
+        };
+        self.keys.store(Arc::new(SiteKeys {
+            current: local.clone(),
+            pending: None,
+            previous: Some(keys.current.clone()),
+        }));
+        for t in &self.tunnels.load().list {
+            t.rekey_to(Some(local.clone()), None, &self.wire, out);
+        }
+    }
+
+    /// A peer announced its next public key: accept handshakes from it now.
+    pub fn announce_peer_key(&self, tunnel: &str, key: PublicKey) {
+        if let Some(t) = self.tunnels.load().by_name(tunnel) {
+            t.announce_peer(key);
+        }
+        self.reindex();
+    }
+
+    /// A peer's next public key is due: a new session under it beside the current one.
+    pub fn switch_peer_key(&self, tunnel: &str, key: PublicKey, out: &mut [u8]) {
+        if let Some(t) = self.tunnels.load().by_name(tunnel) {
+            t.rekey_to(None, Some(key), &self.wire, out);
+        }
+        self.reindex();
+    }
+
+    /// Rebuilds the peer-key index after a tunnel's peer keys changed.
+    fn reindex(&self) {
+        self.tunnels
+            .rcu(|t| Arc::new(TunnelTable::new(t.list.clone())));
     }
 
     /// One plaintext packet read from the TUN.
@@ -324,9 +446,7 @@ impl Dataplane {
     fn handle_wireguard(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
         let table = self.tunnels.load();
         let slot = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => self
-                .route_initiation(&table, datagram, src, out)
-                .map(|i| (i, None)),
+            Ok(Packet::HandshakeInit(_)) => self.route_initiation(&table, datagram, src, out),
             Ok(Packet::HandshakeResponse(p)) => table.session(p.receiver_idx),
             Ok(Packet::PacketCookieReply(p)) => table.session(p.receiver_idx),
             Ok(Packet::PacketData(p)) => table.session(p.receiver_idx),
@@ -348,45 +468,54 @@ impl Dataplane {
     }
 
     /// Find the tunnel a handshake initiation is for: check mac1 (and the load-dependent
-    /// cookie) first, then decrypt the initiator's static key.
+    /// cookie) against each of the site's keys, then decrypt the initiator's static key.
     fn route_initiation(
         &self,
         table: &TunnelTable,
         datagram: &[u8],
         src: SocketAddr,
         out: &mut [u8],
-    ) -> Option<usize> {
-        match self
-            .rate_limiter
-            .verify_packet(Some(src.ip()), datagram, out)
-        {
-            Ok(Packet::HandshakeInit(init)) => {
-                let secret = self.private.to_static_secret();
-                match parse_handshake_anon(&secret, &self.public.to_dalek(), &init) {
-                    Ok(half) => {
-                        let slot = table.by_key.get(&half.peer_static_public).copied();
-                        if slot.is_none() {
-                            self.drops.add(DropReason::UnknownPeer);
+    ) -> Option<(usize, Target)> {
+        let keys = self.keys.load();
+        for (key, fresh) in keys.all() {
+            match key.limiter.verify_packet(Some(src.ip()), datagram, out) {
+                Ok(Packet::HandshakeInit(init)) => {
+                    let secret = key.private.to_static_secret();
+                    return match parse_handshake_anon(&secret, &key.public.to_dalek(), &init) {
+                        Ok(half) => {
+                            let slot = table.by_key.get(&half.peer_static_public).copied();
+                            if slot.is_none() {
+                                self.drops.add(DropReason::UnknownPeer);
+                            }
+                            slot.map(|i| {
+                                (
+                                    i,
+                                    Target::Initiation {
+                                        local: key.clone(),
+                                        peer: PublicKey(half.peer_static_public),
+                                        fresh,
+                                    },
+                                )
+                            })
                         }
-                        slot
-                    }
-                    Err(_) => {
-                        self.drops.add(DropReason::DecryptFailed);
-                        None
-                    }
+                        Err(_) => {
+                            self.drops.add(DropReason::DecryptFailed);
+                            None
+                        }
+                    };
                 }
-            }
-            Ok(_) => None,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let _ = self.wire.send_to(cookie, src);
-                self.drops.add(DropReason::RateLimited);
-                None
-            }
-            Err(_) => {
-                self.drops.add(DropReason::DecryptFailed);
-                None
+                Ok(_) => return None,
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let _ = self.wire.send_to(cookie, src);
+                    self.drops.add(DropReason::RateLimited);
+                    return None;
+                }
+                // mac1 is not for this key: try the next.
+                Err(_) => {}
             }
         }
+        self.drops.add(DropReason::DecryptFailed);
+        None
     }
 
     /// Every ~250 ms. Returns the names of tunnels that want their host names resolved.

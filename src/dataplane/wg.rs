@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 
 use super::stats::{DropReason, RttSource, TunnelStats};
-use super::Wire;
+use super::{LocalKey, Wire};
 use crate::config::{Dpd, DpdAction, Endpoint};
-use crate::keys::{PrivateKey, Psk, PublicKey};
+use crate::keys::{Psk, PublicKey};
 use crate::probe::{Prober, Verdict};
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this carries no data.
@@ -88,6 +87,31 @@ struct Session {
     psk: Option<zeroize::Zeroizing<[u8; 32]>>,
     /// Replaced by a newer key; dropped once the newer session carries traffic.
     retired_at: Option<Instant>,
+    /// The static keys it was made with (ours, the peer's).
+    local: PublicKey,
+    peer: PublicKey,
+}
+
+/// Which session a WireGuard message is for.
+pub enum Target {
+    /// The session the receiver index names.
+    Slot(u32),
+    /// A handshake initiation to our static key `local` from `peer`; `fresh`: `local`
+    /// is the site's key in use or the announced next one (not the replaced one).
+    Initiation {
+        local: Arc<LocalKey>,
+        peer: PublicKey,
+        fresh: bool,
+    },
+}
+
+/// The static keys a tunnel uses now, and during rotations the peer's announced next key
+/// and its replaced one (accepted in handshakes).
+struct TunnelKeys {
+    local: Arc<LocalKey>,
+    peer: PublicKey,
+    pending_peer: Option<PublicKey>,
+    previous_peer: Option<PublicKey>,
 }
 
 fn has_session(t: &Tunn) -> bool {
@@ -151,8 +175,7 @@ pub struct WgTunnel {
     initiations: Mutex<VecDeque<(u32, Instant)>>,
     pub probe: Option<Prober>,
     passive: Mutex<PassiveDpd>,
-    private: PrivateKey,
-    rate_limiter: Arc<RateLimiter>,
+    keys: Mutex<TunnelKeys>,
     /// Inner source addresses accepted from the peer: the configured remote subnets, or
     /// for IKE-keyed tunnels the negotiated traffic selectors.
     allowed: arc_swap::ArcSwap<Vec<IpNet>>,
@@ -179,34 +202,25 @@ pub enum TunnelState {
 }
 
 impl WgTunnel {
-    pub fn new(
-        spec: WgTunnelSpec,
-        index: u32,
-        private: &PrivateKey,
-        rate_limiter: Arc<RateLimiter>,
-        now: Instant,
-    ) -> Self {
+    pub fn new(spec: WgTunnelSpec, index: u32, local: Arc<LocalKey>, now: Instant) -> Self {
+        let keys = TunnelKeys {
+            local,
+            peer: spec.peer_public_key,
+            pending_peer: None,
+            previous_peer: None,
+        };
         // A tunnel keyed by IKE has no session until its first CHILD SA.
         let sessions = if spec.ike {
             Vec::new()
         } else {
-            vec![Session {
-                tunn: Tunn::new(
-                    private.to_static_secret(),
-                    spec.peer_public_key.to_dalek(),
-                    spec.psk.as_ref().map(|p| *p.as_bytes()),
-                    spec.persistent_keepalive,
-                    index,
-                    Some(rate_limiter.clone()),
-                ),
-                slot: 0,
-                child: None,
-                psk: spec
-                    .psk
-                    .as_ref()
-                    .map(|p| zeroize::Zeroizing::new(*p.as_bytes())),
-                retired_at: None,
-            }]
+            vec![new_session(
+                &keys,
+                index,
+                0,
+                spec.psk.as_ref().map(|p| *p.as_bytes()),
+                spec.persistent_keepalive,
+                None,
+            )]
         };
         let endpoints = Endpoints {
             resolved: spec
@@ -233,8 +247,7 @@ impl WgTunnel {
                 sessions,
                 endpoint: first,
             }),
-            private: private.clone(),
-            rate_limiter,
+            keys: Mutex::new(keys),
             allowed: arc_swap::ArcSwap::from_pointee(spec_allowed),
             ike_status: Mutex::new(None),
             endpoints: Mutex::new(endpoints),
@@ -327,13 +340,13 @@ impl WgTunnel {
 
     /// A WireGuard datagram from `src` addressed to this tunnel. Decrypted packets whose
     /// inner source is inside the tunnel's remote subnets are handed to `deliver`.
-    /// `slot` is the session the receiver index names (None for handshake initiations,
-    /// which go to the newest session).
+    /// `target` is the session the receiver index names, or for handshake initiations
+    /// the static keys they were made with (the newest session under those keys answers).
     pub fn decapsulate(
         &self,
         wire: &Wire,
         src: SocketAddr,
-        slot: Option<u32>,
+        target: Target,
         datagram: &[u8],
         out: &mut [u8],
         deliver: &mut dyn FnMut(&[u8]),
@@ -342,11 +355,26 @@ impl WgTunnel {
         let mut live = lock(&self.live);
         let mut authenticated = true;
         let kind = datagram.first().copied().unwrap_or(0);
-        let session = match slot {
-            Some(slot) => live.sessions.iter_mut().find(|s| s.slot == slot),
-            None => live.sessions.last_mut(),
+        let at = match target {
+            Target::Slot(slot) => live.sessions.iter().position(|s| s.slot == slot),
+            Target::Initiation { local, peer, fresh } => {
+                let found = live
+                    .sessions
+                    .iter()
+                    .rposition(|s| s.local == local.public && s.peer == peer);
+                match found {
+                    Some(i) => Some(i),
+                    // The peer switched to a key pair we accept but have no session
+                    // under yet (its rotation, or ours, announced and due): start one.
+                    None if !self.spec.ike && fresh && self.accepts_peer(&peer) => {
+                        self.adopt_keys(&mut live, Some(local), Some(peer));
+                        live.sessions.len().checked_sub(1)
+                    }
+                    None => live.sessions.len().checked_sub(1),
+                }
+            }
         };
-        let Some(session) = session else {
+        let Some(session) = at.map(|i| &mut live.sessions[i]) else {
             self.stats.drops.add(DropReason::UnknownPeer);
             return;
         };
@@ -690,20 +718,17 @@ impl WgTunnel {
         for s in &mut live.sessions {
             s.retired_at.get_or_insert(now);
         }
-        live.sessions.push(Session {
-            tunn: Tunn::new(
-                self.private.to_static_secret(),
-                self.spec.peer_public_key.to_dalek(),
-                Some(*psk),
-                self.spec.persistent_keepalive,
-                self.index | slot,
-                Some(self.rate_limiter.clone()),
-            ),
+        let keys = lock(&self.keys);
+        let session = new_session(
+            &keys,
+            self.index,
             slot,
-            child: Some(child),
-            psk: Some(zeroize::Zeroizing::new(*psk)),
-            retired_at: None,
-        });
+            Some(*psk),
+            self.spec.persistent_keepalive,
+            Some(child),
+        );
+        drop(keys);
+        live.sessions.push(session);
         let endpoint = live.endpoint;
         if initiate {
             if let Some(s) = live.sessions.last_mut() {
@@ -714,6 +739,108 @@ impl WgTunnel {
                 }
             }
         }
+    }
+
+    /// The peer's public key in use.
+    pub fn peer_public_key(&self) -> PublicKey {
+        lock(&self.keys).peer
+    }
+
+    /// Every peer key accepted in handshakes: in use, announced next, replaced.
+    pub fn peer_keys(&self) -> Vec<[u8; 32]> {
+        let k = lock(&self.keys);
+        std::iter::once(&k.peer)
+            .chain(k.pending_peer.iter())
+            .chain(k.previous_peer.iter())
+            .map(|p| p.0)
+            .collect()
+    }
+
+    fn accepts_peer(&self, peer: &PublicKey) -> bool {
+        let k = lock(&self.keys);
+        k.peer == *peer || k.pending_peer.as_ref() == Some(peer)
+    }
+
+    /// The peer announced its next public key: accept handshakes from it.
+    pub fn announce_peer(&self, key: PublicKey) {
+        let mut k = lock(&self.keys);
+        if k.peer != key {
+            k.pending_peer = Some(key);
+        }
+    }
+
+    /// Switch to new static keys (ours and/or the peer's), make-before-break: a new
+    /// session beside the current ones, which keep carrying traffic until it does, and a
+    /// handshake at once. IKE-keyed tunnels use the keys from their next CHILD SA on.
+    pub fn rekey_to(
+        &self,
+        local: Option<Arc<LocalKey>>,
+        peer: Option<PublicKey>,
+        wire: &Wire,
+        out: &mut [u8],
+    ) {
+        let mut live = lock(&self.live);
+        if !self.adopt_keys(&mut live, local, peer) || self.spec.ike {
+            return;
+        }
+        let endpoint = live.endpoint;
+        if let Some(s) = live.sessions.last_mut() {
+            if let TunnResult::WriteToNetwork(d) = s.tunn.format_handshake_initiation(out, false) {
+                self.send(wire, endpoint, d);
+            }
+        }
+    }
+
+    /// Makes (local, peer) the tunnel's keys and, for static-keyed tunnels, adds a
+    /// session under them unless the newest already uses them. True if a session was added.
+    fn adopt_keys(
+        &self,
+        live: &mut Live,
+        local: Option<Arc<LocalKey>>,
+        peer: Option<PublicKey>,
+    ) -> bool {
+        let mut k = lock(&self.keys);
+        if let Some(l) = local {
+            k.local = l;
+        }
+        if let Some(p) = peer {
+            if p != k.peer {
+                let old = std::mem::replace(&mut k.peer, p);
+                k.previous_peer = Some(old);
+            }
+            if k.pending_peer.as_ref() == Some(&k.peer) {
+                k.pending_peer = None;
+            }
+        }
+        if self.spec.ike
+            || live
+                .sessions
+                .last()
+                .is_some_and(|s| s.local == k.local.public && s.peer == k.peer)
+        {
+            return false;
+        }
+        if live.sessions.len() as u32 >= SESSION_SLOTS {
+            live.sessions.remove(0);
+        }
+        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
+        let slot = (0..SESSION_SLOTS)
+            .find(|s| !used.contains(s))
+            .unwrap_or_default();
+        let now = Instant::now();
+        for s in &mut live.sessions {
+            s.retired_at.get_or_insert(now);
+        }
+        live.sessions.push(new_session(
+            &k,
+            self.index,
+            slot,
+            self.spec.psk.as_ref().map(|p| *p.as_bytes()),
+            self.spec.persistent_keepalive,
+            None,
+        ));
+        tracing::info!(tunnel = %self.spec.name, "new static keys: handshake under them started");
+        true
     }
 
     /// The CHILD SA behind a session is gone: retire the session (it stays until a newer
@@ -764,6 +891,32 @@ impl WgTunnel {
             }
             None => (None, 0.0),
         }
+    }
+}
+
+fn new_session(
+    keys: &TunnelKeys,
+    index: u32,
+    slot: u32,
+    psk: Option<[u8; 32]>,
+    keepalive: Option<u16>,
+    child: Option<u64>,
+) -> Session {
+    Session {
+        tunn: Tunn::new(
+            keys.local.private.to_static_secret(),
+            keys.peer.to_dalek(),
+            psk,
+            keepalive,
+            index | slot,
+            Some(keys.local.limiter.clone()),
+        ),
+        slot,
+        child,
+        psk: psk.map(zeroize::Zeroizing::new),
+        retired_at: None,
+        local: keys.local.public,
+        peer: keys.peer,
     }
 }
 
