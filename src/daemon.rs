@@ -305,8 +305,8 @@ async fn run(
         dataplane: dp.clone(),
         started,
         reload: Some(reload_tx),
+        keys: crate::rotation::spawn(&cfg, dp.clone(), vault, ike_cmd.clone()),
         ike: ike_cmd,
-        keys: crate::rotation::spawn(&cfg, dp.clone(), vault),
     });
     let ctl_path = control::control_socket_path(&cfg.site.interface);
     let ctl = control::bind_private(&ctl_path, 0o700)?;

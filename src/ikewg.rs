@@ -91,6 +91,13 @@ pub fn identity(s: &str) -> Identity {
     Identity { ty, data }
 }
 
+/// Private-use notify (RFC 7296 §3.10.1) announcing the sender's next static key:
+/// 32-byte X25519 public key | 8-byte big-endian Unix time it is used from.
+pub const NOTIFY_STATIC_KEY: u16 = 40961;
+/// After our static key switched, the CHILD SA is rekeyed this much later, so the peer
+/// (which switches on its once-a-second check) uses the new key too.
+const REKEY_AFTER_SWITCH: Duration = Duration::from_secs(2);
+
 /// An idle IPsec tunnel sends a NAT-T keepalive this often (strongSwan's default).
 const NATT_KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -211,6 +218,10 @@ struct Tunnel {
     /// IPsec: ESP datagrams sent as of the last check, and when that count last moved
     /// (NAT-T keepalives go out when it stands still).
     last_tx: (u64, Instant),
+    /// IKE-keyed WireGuard: the peer's next static key and when (Unix seconds) it is used.
+    pending_peer: Option<(PublicKey, u64)>,
+    /// Rekey the CHILD SA at this time (after a static key switch).
+    rekey_at: Option<Instant>,
 }
 
 impl Tunnel {
@@ -226,6 +237,8 @@ impl Tunnel {
             dead: false,
             retry_at: None,
             last_tx: (0, Instant::now()),
+            pending_peer: None,
+            rekey_at: None,
         }
     }
 
@@ -269,6 +282,12 @@ impl Tunnel {
 
 /// Commands from the control socket.
 pub enum Command {
+    /// The site's static key is replaced at `not_before` (Unix seconds): tell every
+    /// IKE-keyed peer over its IKE SA.
+    AnnounceKey { public: PublicKey, not_before: u64 },
+    /// The site's static key was just replaced: new IKE identity and PSK, then a CHILD SA
+    /// rekey so that a WireGuard session under the new keys takes over.
+    KeySwitched,
     Rotate {
         tunnel: String,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -426,6 +445,29 @@ impl Driver {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
+            Command::AnnounceKey { public, not_before } => {
+                let mut data = public.as_bytes().to_vec();
+                data.extend_from_slice(&not_before.to_be_bytes());
+                for p in 0..self.tunnels.len() {
+                    if matches!(self.tunnels[p].kind, Kind::Wg(_)) {
+                        let told =
+                            self.ep
+                                .notify(p, NOTIFY_STATIC_KEY, data.clone(), Instant::now());
+                        tracing::info!(tunnel = %self.tunnels[p].name, told, public_key = %public, not_before, "next static key announced over IKE");
+                    }
+                }
+            }
+            Command::KeySwitched => {
+                let now = Instant::now();
+                for p in 0..self.tunnels.len() {
+                    let Kind::Wg(wg) = &self.tunnels[p].kind else {
+                        continue;
+                    };
+                    let peer_key = wg.peer_public_key();
+                    self.set_auth(p, peer_key);
+                    self.tunnels[p].rekey_at = Some(now + REKEY_AFTER_SWITCH);
+                }
+            }
             Command::Rotate { tunnel, reply } => {
                 let r = match self.tunnels.iter().position(|t| t.name == tunnel) {
                     Some(p) if self.ep.is_established(p) => {
@@ -508,6 +550,19 @@ impl Driver {
         for p in 0..self.tunnels.len() {
             let st = self.status(p);
             self.tunnels[p].publish(st);
+            if let Some((key, at)) = self.tunnels[p].pending_peer {
+                if crate::status::unix_now() >= at {
+                    self.tunnels[p].pending_peer = None;
+                    self.dp
+                        .switch_peer_key(&self.tunnels[p].name, key, &mut self.out);
+                    self.set_auth(p, key);
+                    tracing::info!(tunnel = %self.tunnels[p].name, public_key = %key, "peer static key switched (announced over IKE)");
+                }
+            }
+            if self.tunnels[p].rekey_at.is_some_and(|t| now >= t) {
+                self.tunnels[p].rekey_at = None;
+                self.ep.rekey_child(p, now, &mut self.rng);
+            }
             let rx = self.tunnels[p].stats().rx_packets.load(Relaxed);
             if rx != self.tunnels[p].last_rx_packets {
                 self.tunnels[p].last_rx_packets = rx;
@@ -539,6 +594,16 @@ impl Driver {
             if !self.ep.is_active(p) && self.tunnels[p].wants_ike(now) {
                 self.initiate(p, now);
             }
+        }
+    }
+
+    /// The IKE identities and PSK of an IKE-keyed WireGuard tunnel for the site's current
+    /// static key and `peer_key`.
+    fn set_auth(&mut self, p: usize, peer_key: PublicKey) {
+        let private = self.dp.private();
+        if let Some(psk) = derive_psk(&private, &peer_key) {
+            self.ep
+                .set_auth(p, key_id(&private.public_key()), key_id(&peer_key), psk);
         }
     }
 
@@ -696,6 +761,23 @@ impl Driver {
                     }
                     DpdAction::Hold => {}
                 }
+            }
+            Event::PeerNotify { peer, ty, data } => {
+                let t = &mut self.tunnels[peer];
+                if ty != NOTIFY_STATIC_KEY || !matches!(t.kind, Kind::Wg(_)) || data.len() != 40 {
+                    tracing::debug!(tunnel = %t.name, ty, "private notify ignored");
+                    return;
+                }
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&data[..32]);
+                let key = PublicKey(k);
+                let mut at = [0u8; 8];
+                at.copy_from_slice(&data[32..]);
+                let at = u64::from_be_bytes(at);
+                // Accept handshakes from it now; use it from `at` on.
+                self.dp.announce_peer_key(&t.name, key);
+                t.pending_peer = Some((key, at));
+                tracing::info!(tunnel = %t.name, public_key = %key, not_before = at, "peer announced its next static key over IKE");
             }
             Event::PeerRestarted { peer } => {
                 tracing::info!(tunnel = %self.tunnels[peer].name, "peer restarted (INITIAL_CONTACT): old SAs dropped");

@@ -14,6 +14,11 @@
 //!    see it; at `not_before` both sides start a session under the new keys beside the
 //!    current one, which keeps carrying traffic until the new one does. The replaced key
 //!    is still accepted in handshakes until the next rotation.
+//!
+//! IKE-keyed tunnels (`keying = "ike"`) learn the new key over their authenticated IKE SA
+//! instead (a private-use notify with the key and `not_before`); at the switch both sides
+//! move their IKE identity and PSK to the new keys, and a CHILD SA rekey brings a
+//! WireGuard session under the new static keys, make-before-break like every rekey.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -68,6 +73,10 @@ pub struct Task {
     rotate_retry: Option<(Instant, Duration)>,
     down_since: Option<Instant>,
     out: Vec<u8>,
+    /// The IKE driver, which tells IKE-keyed peers about our next key.
+    ike: Option<mpsc::Sender<crate::ikewg::Command>>,
+    /// Version of the scheduled key announced over IKE.
+    ike_announced: Option<u64>,
 }
 
 /// The published path that goes with the private path `p`.
@@ -79,7 +88,12 @@ fn public_path_of(p: &str, vault_prefix: &str, site: &str) -> String {
 }
 
 impl Task {
-    pub fn new(cfg: Config, dp: Arc<Dataplane>, vault: Option<Vault>) -> Self {
+    pub fn new(
+        cfg: Config,
+        dp: Arc<Dataplane>,
+        vault: Option<Vault>,
+        ike: Option<mpsc::Sender<crate::ikewg::Command>>,
+    ) -> Self {
         let prefix = cfg.vault.as_ref().map_or("sitewire", |v| &v.prefix);
         let own = match &cfg.site.private_key {
             KeyRef::Vault(p) => Some((p.clone(), public_path_of(p, prefix, &cfg.site.name))),
@@ -92,7 +106,7 @@ impl Task {
             .filter_map(|t| match &t.peer_public_key {
                 Some(PeerKey::Vault(p)) => {
                     if table.by_name(&t.name).is_some_and(|w| w.spec.ike) {
-                        tracing::info!(tunnel = %t.name, "peer key changes of IKE-keyed tunnels are not followed (restart to adopt one)");
+                        tracing::info!(tunnel = %t.name, "peer key changes of IKE-keyed tunnels arrive over the IKE SA, not from Vault");
                         None
                     } else {
                         Some(PeerWatch {
@@ -120,6 +134,8 @@ impl Task {
             rotate_retry: None,
             down_since: None,
             out: vec![0u8; MAX_PACKET],
+            ike,
+            ike_announced: None,
         }
     }
 
@@ -158,6 +174,7 @@ impl Task {
                     }
                 },
             }
+            self.announce_over_ike();
             self.switch_due();
             if Instant::now() >= self.next_poll {
                 match self.poll().await {
@@ -334,6 +351,22 @@ impl Task {
         Ok(())
     }
 
+    /// Tells the IKE driver about a scheduled key it has not announced yet.
+    fn announce_over_ike(&mut self) {
+        let (Some(ike), Some((_, p))) = (&self.ike, &self.scheduled) else {
+            return;
+        };
+        if self.ike_announced != Some(p.version) {
+            let cmd = crate::ikewg::Command::AnnounceKey {
+                public: p.key,
+                not_before: p.not_before,
+            };
+            if ike.try_send(cmd).is_ok() {
+                self.ike_announced = Some(p.version);
+            }
+        }
+    }
+
     /// Switches to announced keys whose time has come.
     fn switch_due(&mut self) {
         let now = unix_now();
@@ -354,6 +387,9 @@ impl Task {
                     );
                 }
                 tracing::info!(version = p.version, public_key = %p.key, "site key switched");
+                if let Some(ike) = &self.ike {
+                    let _ = ike.try_send(crate::ikewg::Command::KeySwitched);
+                }
                 changed = true;
             }
         }
@@ -379,12 +415,6 @@ impl Task {
         let Some((private_path, public_path)) = self.own.clone() else {
             bail!("site.private_key is not a vault: reference: there is no Vault key to rotate");
         };
-        if self.dp.tunnels.load().list.iter().any(|t| t.spec.ike) {
-            bail!(
-                "this site has keying = \"ike\" tunnels, whose IKE identities are the static \
-                 keys: rotating the static key is not supported for them yet"
-            );
-        }
         if let Some((_, p)) = &self.scheduled {
             bail!(
                 "a rotation is in progress: version {} is used in {} s",
@@ -492,11 +522,12 @@ pub fn spawn(
     cfg: &Config,
     dp: Arc<Dataplane>,
     vault: Option<Vault>,
+    ike: Option<mpsc::Sender<crate::ikewg::Command>>,
 ) -> Option<mpsc::Sender<Command>> {
     if crate::vault::vault_refs(cfg).is_empty() {
         return None;
     }
     let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(Task::new(cfg.clone(), dp, vault).run(rx));
+    tokio::spawn(Task::new(cfg.clone(), dp, vault, ike).run(rx));
     Some(tx)
 }

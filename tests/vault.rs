@@ -1064,3 +1064,72 @@ fn two_daemons_race_a_rotation() {
     secrets.push(bao.token.clone());
     assert_no_secrets(&[a.log(), b.log(), c.log()], &secrets);
 }
+
+#[test]
+fn ike_keyed_rotation_is_announced_over_ike_without_loss() {
+    if !prereq(&["ping", "bao", "wg"]) {
+        return;
+    }
+    let t = Topo::new("vrotike");
+    let bao = start_bao(&t);
+    let port = t.port(0);
+    let (cfg_a, cfg_b) = init_sites(
+        &t,
+        &bao,
+        port,
+        "rotate_every = \"6s\"\npoll_every = \"1s\"\n",
+        "poll_every = \"1s\"\n",
+    );
+    // Both ends keyed by IKE: the identities and the IKE PSK come from the static keys.
+    let ike = |cfg: &str, tunnel: &str| {
+        cfg.replace(
+            &format!("name = \"{tunnel}\"\n"),
+            &format!("name = \"{tunnel}\"\nkeying = \"ike\"\nrekey_interval = \"1m\"\n"),
+        )
+    };
+    let (cfg_a, cfg_b) = (ike(&cfg_a, "to-b"), ike(&cfg_b, "to-a"));
+    assert!(cfg_a.contains("keying = \"ike\"") && cfg_b.contains("keying = \"ike\""));
+    let a = t.start_sitewire(Site::A, "a", &cfg_a);
+    let b = t.start_sitewire(Site::B, "b", &cfg_b);
+    let (if_a, if_b) = (t.ifname("ia"), t.ifname("ib"));
+    assert!(
+        wait_tunnel_up(&if_a, "to-b", Duration::from_secs(15)),
+        "{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(10)));
+    let first_key = wg_public_key(&t, &if_a);
+    let (sent, received, rate) = ping_flood(&t, 30);
+    std::thread::sleep(Duration::from_secs(3));
+    let (log_a, log_b) = (a.log(), b.log());
+    let rotations = count(&log_a, "site key switched");
+    let announced = count(&log_b, "peer announced its next static key over IKE");
+    let adopted = count(&log_b, "peer static key switched (announced over IKE)");
+    eprintln!(
+        "IKE-keyed: rotations {rotations}, announced {announced}, adopted {adopted}, pings \
+         {received}/{sent} ({rate:.0}/s)"
+    );
+    assert!(rate >= 90.0, "only {rate:.0} pings/s");
+    assert!(rotations >= 3, "only {rotations} rotations:\n{log_a}");
+    assert!(adopted >= 3, "b adopted {adopted}:\n{log_b}");
+    assert_eq!(received, sent, "lost {} pings", sent - received);
+    // Both sides run on the newest key and the IKE SA is still up.
+    let mut now_key = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            now_key = wg_public_key(&t, &if_a);
+            wg_peers(&t, &if_b) == now_key
+        }),
+        "b never used a's new key"
+    );
+    assert_ne!(now_key, first_key);
+    assert_eq!(
+        support::site::tunnel_status(&if_a, "to-b")["ike"]["state"],
+        "established"
+    );
+    let mut secrets = bao.private_versions(&t, "a");
+    secrets.extend(bao.private_versions(&t, "b"));
+    secrets.push(bao.token.clone());
+    assert_no_secrets(&[log_a, log_b], &secrets);
+}

@@ -66,6 +66,8 @@ fn rand_bytes<const N: usize>(rng: &mut dyn Rng) -> [u8; N] {
 }
 
 const NONCE_LEN: usize = 32;
+/// Status notify types from here on are for private use (RFC 7296 §3.10.1).
+pub const PRIVATE_NOTIFY_MIN: u16 = 40960;
 /// Half-open IKE SAs (responder side) are forgotten after this long.
 const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Half-open SAs above which new IKE_SA_INIT requests are refused.
@@ -270,6 +272,13 @@ pub enum Event {
     PeerRestarted {
         peer: PeerId,
     },
+    /// A private-use status notify (type 40960 and up) arrived in an authenticated
+    /// INFORMATIONAL request (see [`Endpoint::notify`]).
+    PeerNotify {
+        peer: PeerId,
+        ty: u16,
+        data: Vec<u8>,
+    },
     /// A message was dropped; the reason is a small fixed string (a metric label).
     Dropped {
         reason: &'static str,
@@ -322,6 +331,11 @@ enum RequestKind {
         ke: X25519SecretBox,
     },
     Liveness,
+    /// A private-use status notify for the peer (INFORMATIONAL).
+    Notify {
+        ty: u16,
+        data: Vec<u8>,
+    },
     DeleteChild {
         id: ChildId,
     },
@@ -1101,6 +1115,35 @@ impl Endpoint {
         let _ = now;
     }
 
+    /// Send a private-use status notify (type 40960 and up, RFC 7296 §3.10.1) to the peer
+    /// over the tunnel's established IKE SA; false if there is none. The peer sees
+    /// [`Event::PeerNotify`].
+    pub fn notify(&mut self, peer: PeerId, ty: u16, data: Vec<u8>, now: Instant) -> bool {
+        debug_assert!(ty >= PRIVATE_NOTIFY_MIN);
+        if !self.is_established(peer) {
+            return false;
+        }
+        let Some(spi) = self.peers[peer].current else {
+            return false;
+        };
+        self.queue_request(spi, RequestKind::Notify { ty, data }, now);
+        true
+    }
+
+    /// New identities and PSK for the tunnel's next IKE_AUTH (the SAs up now stay).
+    pub fn set_auth(
+        &mut self,
+        peer: PeerId,
+        local_id: Identity,
+        remote_id: Identity,
+        psk: Zeroizing<Vec<u8>>,
+    ) {
+        let cfg = &mut self.peers[peer].cfg;
+        cfg.local_id = local_id;
+        cfg.remote_id = remote_id;
+        cfg.psk = psk;
+    }
+
     /// Data-plane traffic from the peer counts as liveness (no DPD probe needed).
     pub fn note_peer_activity(&mut self, peer: PeerId, now: Instant) {
         if let Some(sa) = self.peers[peer].current.and_then(|s| self.sas.get_mut(&s)) {
@@ -1316,6 +1359,15 @@ impl Endpoint {
                 ],
             ),
             RequestKind::Liveness => (ExchangeType::Informational, vec![]),
+            RequestKind::Notify { ty, data } => (
+                ExchangeType::Informational,
+                vec![Payload::Notify(Notify {
+                    protocol: 0,
+                    spi: Vec::new(),
+                    ty: *ty,
+                    data: data.clone(),
+                })],
+            ),
             RequestKind::DeleteChild { id: child } => {
                 let c = self.peers[peer]
                     .children
@@ -1977,7 +2029,7 @@ impl Endpoint {
             RequestKind::RekeyIke { new_spi_i, ni, ke } => {
                 self.ike_rekey_response(sa, peer, new_spi_i, &ni, &ke, inner, now)
             }
-            RequestKind::Liveness => true,
+            RequestKind::Liveness | RequestKind::Notify { .. } => true,
             RequestKind::DeleteChild { id } => {
                 if let Some(c) = self.peers[peer]
                     .children
@@ -3034,6 +3086,19 @@ impl Endpoint {
             return false;
         }
         self.respond(sa, header, from, &out);
+        if let Some(peer) = peer {
+            for p in inner {
+                if let Payload::Notify(n) = p {
+                    if n.ty >= PRIVATE_NOTIFY_MIN {
+                        self.event(Event::PeerNotify {
+                            peer,
+                            ty: n.ty,
+                            data: n.data.clone(),
+                        });
+                    }
+                }
+            }
+        }
         true
     }
 }
