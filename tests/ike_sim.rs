@@ -1021,3 +1021,58 @@ fn ipsec_floats_to_nat_t_and_keys_esp() {
         Some((4500, 2))
     );
 }
+
+/// A private-use notify reaches the peer over the IKE SA; after both sides change their
+/// identities and PSK, the next IKE SA authenticates with the new ones (and only those).
+#[test]
+fn private_notify_and_new_credentials_for_the_next_ike_sa() {
+    let mut sim = Sim::new(5, Link::clean(), fast_timers());
+    sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(1));
+    assert!(sim.sides[A].ep.is_established(0));
+    let now = sim.now;
+    assert!(sim.sides[A].ep.notify(0, 40961, b"next key".to_vec(), now));
+    sim.run_until(Duration::from_secs(2));
+    let got: Vec<_> = sim
+        .events(B)
+        .filter_map(|e| match e {
+            Event::PeerNotify { ty, data, .. } => Some((*ty, data.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![(40961, b"next key".to_vec())]);
+    // New identities and PSK on both sides, then a fresh IKE SA.
+    let psk = || zeroize::Zeroizing::new(b"the-new-psk-after-a-key-rotation".to_vec());
+    sim.sides[A]
+        .ep
+        .set_auth(0, id("a2.sitewire"), id("b2.sitewire"), psk());
+    sim.sides[B]
+        .ep
+        .set_auth(0, id("b2.sitewire"), id("a2.sitewire"), psk());
+    let now = sim.now;
+    sim.sides[A].ep.close(0, now);
+    sim.sides[B].ep.close(0, now);
+    sim.sides[A].ep.initiate(0, now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(4));
+    assert!(sim.sides[A].ep.is_established(0) && sim.sides[B].ep.is_established(0));
+    // A side left on the old PSK cannot authenticate any more.
+    sim.sides[B].ep.set_auth(
+        0,
+        id("b2.sitewire"),
+        id("a2.sitewire"),
+        zeroize::Zeroizing::new(b"simulated-psk-of-32-bytes-length".to_vec()),
+    );
+    let now = sim.now;
+    sim.sides[A].ep.close(0, now);
+    sim.sides[B].ep.close(0, now);
+    sim.sides[A].ep.initiate(0, now, &mut sim.rng);
+    sim.run_until(Duration::from_secs(6));
+    assert!(!sim.sides[A].ep.is_established(0));
+    assert!(sim.events(A).any(|e| matches!(
+        e,
+        Event::Failed {
+            failure: Failure::AuthenticationFailed,
+            ..
+        }
+    )));
+}
