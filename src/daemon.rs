@@ -225,10 +225,20 @@ pub async fn up(config_path: &Path) -> Result<()> {
 
     let netlink = Netlink::connect()?;
     crate::cleanup::before_tun(&netlink, &cfg.site.interface).await?;
+    // Offload (virtio-net headers, TSO/USO) lets one read carry a whole TCP burst; a
+    // kernel without it gets a plain device and one packet per read.
     let tun = tun_rs::DeviceBuilder::new()
         .name(&cfg.site.interface)
         .mtu(cfg.site.mtu)
+        .offload(true)
         .build_sync()
+        .or_else(|e| {
+            tracing::info!(error = %e, "TUN offload unavailable; using a plain TUN device");
+            tun_rs::DeviceBuilder::new()
+                .name(&cfg.site.interface)
+                .mtu(cfg.site.mtu)
+                .build_sync()
+        })
         .with_context(|| format!("creating TUN device {}", cfg.site.interface))?;
     let ifindex = netlink.link_index(&cfg.site.interface).await?;
     crate::cleanup::after_tun(&netlink, &cfg, ifindex).await?;

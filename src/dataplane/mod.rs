@@ -3,10 +3,15 @@
 //! Two threads move packets with blocking syscalls (TUN -> UDP and UDP -> TUN); a
 //! timer task drives handshakes and keepalives. Tunnel state is shared through an
 //! [`ArcSwap`]ed table that is rebuilt whole when the configuration changes, so the
-//! packet threads never wait on a table lock. Each direction works on one packet at a
-//! time through [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`], the
-//! seams where batched I/O (recvmmsg/GSO, TUN offload) plugs in.
+//! packet threads never wait on a table lock. Each direction works in batches: the TUN
+//! reader takes a TSO super-packet split into segments (TUN offload) and sends the
+//! encrypted segments to each endpoint as UDP GSO trains; the UDP reader takes up to
+//! [`quinn_udp::BATCH_SIZE`] GRO-coalesced buffers per `recvmmsg` and writes the
+//! decrypted packets with GRO coalescing back into the TUN. Per packet,
+//! [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`] do the work and
+//! only queue into the thread's [`batch::TxBatch`] / [`batch::TunBatch`].
 
+pub mod batch;
 pub mod esp;
 pub mod netlink;
 pub mod router;
@@ -14,7 +19,8 @@ pub mod stats;
 pub mod wg;
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsFd;
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -25,6 +31,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use crate::keys::{PrivateKey, PublicKey};
+use batch::{TunBatch, TxBatch};
 use crate::proto::demux::{self, Datagram};
 use crate::proto::ike::engine::Via;
 use esp::{EspTunnel, SpiMap};
@@ -32,17 +39,29 @@ use router::Router;
 use stats::{DropReason, Drops};
 use wg::{Target, WgTunnel, WgTunnelSpec};
 
-/// Handshakes per second the site answers before it demands cookies. Counted twice per
-/// handshake (once to route it, once inside boringtun), hence the factor of two.
+/// Handshakes per second the site answers before it demands cookies, at least. Counted
+/// twice per handshake (once to route it, once inside boringtun), hence the factor of two.
 const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+
+/// Above [`HANDSHAKE_RATE_LIMIT`]: handshakes per tunnel and second, so that all peers of
+/// a big hub can (re)connect within a second of its restart without cookie round trips.
+const HANDSHAKES_PER_TUNNEL: u64 = 2;
 
 /// Largest datagram or packet handled; buffers are this big so no `Tunn` call can panic.
 pub const MAX_PACKET: usize = 65_536;
 
+/// Packets the TUN reader takes before it sends what it has, even if more are waiting.
+const TUN_DRAIN_MAX: usize = 256;
+
 /// The site's UDP socket. Bound dual-stack when the host has IPv6, so v4 peers appear as
 /// v4-mapped addresses that we normalise.
+///
+/// The socket is non-blocking underneath (so `recvmmsg` returns whatever is queued);
+/// both directions wait in `poll` when the kernel has nothing or no room, which keeps
+/// blocking semantics for the packet threads.
 pub struct Wire {
     sock: UdpSocket,
+    state: quinn_udp::UdpSocketState,
     dual_stack: bool,
 }
 
@@ -65,10 +84,90 @@ impl Wire {
         // Bursts from a fast peer must not overflow the default ~200 KiB buffers.
         let _ = sock.set_recv_buffer_size(4 << 20);
         let _ = sock.set_send_buffer_size(4 << 20);
+        sock.set_nonblocking(true)?;
+        let sock: UdpSocket = sock.into();
+        // Turns on UDP GRO and reads the kernel's GSO limit.
+        let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+        allow_fragmentation(&sock, dual_stack);
         Ok(Self {
-            sock: sock.into(),
+            sock,
+            state,
             dual_stack,
         })
+    }
+
+    /// Most datagrams one [`send_segments`](Self::send_segments) call may carry.
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn wait(&self, flags: nix::poll::PollFlags) -> io::Result<()> {
+        let mut fds = [nix::poll::PollFd::new(self.sock.as_fd(), flags)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn peer_addr(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
+            }
+            other => other,
+        }
+    }
+
+    /// Send `contents` to `to` in one `sendmsg`: one datagram, or with `segment` a UDP
+    /// GSO train of `segment`-byte datagrams (the last may be shorter).
+    pub fn send_segments(
+        &self,
+        contents: &[u8],
+        segment: Option<usize>,
+        to: SocketAddr,
+    ) -> io::Result<usize> {
+        let transmit = quinn_udp::Transmit {
+            destination: self.peer_addr(to),
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        loop {
+            match self.state.try_send((&self.sock).into(), &transmit) {
+                Ok(()) => return Ok(contents.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(nix::poll::PollFlags::POLLOUT)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Receive up to `bufs.len()` buffers (each possibly several GRO-coalesced datagrams
+    /// of `meta.stride` bytes), waiting until at least one is there. Source addresses
+    /// are normalised (no v4-mapped v6).
+    pub fn recv_batch(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn_udp::RecvMeta],
+    ) -> io::Result<usize> {
+        loop {
+            match self.state.recv((&self.sock).into(), bufs, meta) {
+                Ok(n) => {
+                    for m in &mut meta[..n] {
+                        m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(nix::poll::PollFlags::POLLIN)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn local_port(&self) -> io::Result<u16> {
@@ -76,19 +175,38 @@ impl Wire {
     }
 
     pub fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-        let to = match to {
-            SocketAddr::V4(v4) if self.dual_stack => {
-                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
-            }
-            other => other,
-        };
-        self.sock.send_to(datagram, to)
+        self.send_segments(datagram, None, to)
     }
+}
 
-    pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let (n, from) = self.sock.recv_from(buf)?;
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        Ok((n, from))
+/// `UdpSocketState::new` sets DF on every datagram (`IP_PMTUDISC_PROBE`). Restore the
+/// kernel default, as other WireGuard implementations leave it: a datagram larger than
+/// the path MTU is fragmented rather than dropped.
+fn allow_fragmentation(sock: &UdpSocket, v6: bool) {
+    use std::os::fd::AsRawFd;
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    );
+    if v6 {
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        );
     }
 }
 
@@ -174,8 +292,13 @@ pub struct LocalKey {
 
 impl LocalKey {
     pub fn new(private: PrivateKey) -> Arc<Self> {
+        Self::with_limit(private, HANDSHAKE_RATE_LIMIT)
+    }
+
+    /// With a handshake limit other than the default (counted twice per handshake).
+    pub fn with_limit(private: PrivateKey, limit: u64) -> Arc<Self> {
         let public = private.public_key();
-        let limiter = Arc::new(RateLimiter::new(&public.to_dalek(), HANDSHAKE_RATE_LIMIT));
+        let limiter = Arc::new(RateLimiter::new(&public.to_dalek(), limit));
         Arc::new(Self {
             private,
             public,
@@ -210,6 +333,8 @@ pub struct Dataplane {
     /// Unix time (s) the site key in use came into use, for keys held in Vault (0: not
     /// known yet); file keys are aged by their modification time instead.
     pub key_since: std::sync::atomic::AtomicU64,
+    /// Handshake rate limit of the site's keys (see [`HANDSHAKES_PER_TUNNEL`]).
+    handshake_limit: u64,
     pub listen_port: u16,
     /// Drops not attributable to a tunnel.
     pub drops: Drops,
@@ -248,7 +373,9 @@ impl Dataplane {
             Some((w, s)) => (Some(w), s),
             None => (None, Vec::new()),
         };
-        let local = LocalKey::new(private);
+        let handshake_limit =
+            HANDSHAKE_RATE_LIMIT.max(2 * HANDSHAKES_PER_TUNNEL * specs.len() as u64);
+        let local = LocalKey::with_limit(private, handshake_limit);
         let listen_port = wire.local_port()?;
         let dp = Self {
             wire,
@@ -260,6 +387,7 @@ impl Dataplane {
                 previous: None,
             }),
             key_since: std::sync::atomic::AtomicU64::new(0),
+            handshake_limit,
             listen_port,
             drops: Drops::default(),
             ike_tx: std::sync::OnceLock::new(),
@@ -307,7 +435,7 @@ impl Dataplane {
 
     /// Rotation, step 1: accept handshakes to `next` before its public key is published.
     pub fn announce_key(&self, next: PrivateKey) {
-        let local = LocalKey::new(next);
+        let local = LocalKey::with_limit(next, self.handshake_limit);
         self.keys.rcu(|k| SiteKeys {
             current: k.current.clone(),
             pending: Some(local.clone()),
@@ -334,7 +462,7 @@ impl Dataplane {
         }
         let local = match &keys.pending {
             Some(p) if p.private.as_bytes() == next.as_bytes() => p.clone(),
-            _ => LocalKey::new(next.clone()),
+            _ => LocalKey::with_limit(next.clone(), self.handshake_limit),
         };
         self.keys.store(Arc::new(SiteKeys {
             current: local.clone(),
@@ -368,15 +496,16 @@ impl Dataplane {
             .rcu(|t| Arc::new(TunnelTable::new(t.list.clone())));
     }
 
-    /// One plaintext packet read from the TUN.
-    pub fn handle_tun_packet(&self, packet: &[u8], out: &mut [u8]) {
+    /// One plaintext packet read from the TUN; a WireGuard datagram joins `tx` (ESP
+    /// leaves at once on the NAT-T socket).
+    pub fn handle_tun_packet(&self, packet: &[u8], out: &mut [u8], tx: &mut TxBatch) {
         let Some(dst) = Tunn::dst_address(packet) else {
             self.drops.add(DropReason::Malformed);
             return;
         };
         let table = self.tunnels.load();
         match table.router.lookup(dst) {
-            Some(&Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out),
+            Some(&Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out, tx),
             Some(&Route::Esp(i)) => match &self.ipsec {
                 Some(w) => table.esp[i].encapsulate(&w.natt, packet, out),
                 None => self.drops.add(DropReason::NoRoute),
@@ -385,10 +514,16 @@ impl Dataplane {
         }
     }
 
-    /// One datagram received on the site's UDP port.
-    pub fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    /// One datagram received on the site's UDP port; decrypted packets join `rx`.
+    pub fn handle_datagram(
+        &self,
+        datagram: &[u8],
+        src: SocketAddr,
+        out: &mut [u8],
+        rx: &mut TunBatch,
+    ) {
         match demux::classify(datagram) {
-            Ok(Datagram::WireGuard(_)) => self.handle_wireguard(datagram, src, out),
+            Ok(Datagram::WireGuard(_)) => self.handle_wireguard(datagram, src, out, rx),
             Ok(Datagram::NatKeepalive) => {}
             Ok(Datagram::Ike) => self.to_ike(src, VIA_SITE, &datagram[4..]),
             Ok(Datagram::Esp) => self.drops.add(DropReason::UnsupportedProtocol),
@@ -419,8 +554,14 @@ impl Dataplane {
     }
 
     /// One datagram on UDP 4500 (RFC 3948): IKE after the non-ESP marker, a NAT
-    /// keepalive, or ESP.
-    pub fn handle_natt_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    /// keepalive, or ESP; decrypted packets join `rx`.
+    pub fn handle_natt_datagram(
+        &self,
+        datagram: &[u8],
+        src: SocketAddr,
+        out: &mut [u8],
+        rx: &mut TunBatch,
+    ) {
         match demux::classify(datagram) {
             Ok(Datagram::Ike) => self.to_ike(src, VIA_NATT, &datagram[4..]),
             Ok(Datagram::NatKeepalive) => {}
@@ -432,18 +573,19 @@ impl Dataplane {
                     return;
                 };
                 let tun = &self.tun;
-                let drops = &tunnel.stats.drops;
-                tunnel.decapsulate(&child, datagram, out, &mut |p| {
-                    if tun.send(p).is_err() {
-                        drops.add(DropReason::IoError);
-                    }
-                });
+                tunnel.decapsulate(&child, datagram, out, &mut |p| rx.push(tun, p));
             }
             Err(_) => self.drops.add(DropReason::Malformed),
         }
     }
 
-    fn handle_wireguard(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8]) {
+    fn handle_wireguard(
+        &self,
+        datagram: &[u8],
+        src: SocketAddr,
+        out: &mut [u8],
+        rx: &mut TunBatch,
+    ) {
         let table = self.tunnels.load();
         let slot = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(_)) => self.route_initiation(&table, datagram, src, out),
@@ -459,11 +601,8 @@ impl Dataplane {
             return;
         };
         let tun = &self.tun;
-        let drops = &self.drops;
         table.list[i].decapsulate(&self.wire, src, session, datagram, out, &mut |p| {
-            if tun.send(p).is_err() {
-                drops.add(DropReason::IoError);
-            }
+            rx.push(tun, p)
         });
     }
 
@@ -542,19 +681,64 @@ impl Dataplane {
     }
 
     /// Blocking loop: TUN -> tunnels -> UDP. Runs on its own thread for the daemon's life.
+    ///
+    /// With TUN offload a read is a TSO super-packet that `recv_multiple` splits into
+    /// MTU-sized segments; their datagrams leave as UDP GSO trains once the read is done.
     pub fn run_tun_reader(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_PACKET];
+        let batch = if self.tun.tcp_gso() {
+            tun_rs::IDEAL_BATCH_SIZE
+        } else {
+            1
+        };
+        let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect();
+        let mut sizes = vec![0usize; batch];
         let mut out = vec![0u8; MAX_PACKET];
+        let mut tx = TxBatch::new();
+        // Non-blocking reads drain what the TUN holds before the trains go out, so
+        // single packets (UDP, ACKs) leave in batches too; `poll` waits when it is empty.
+        let nonblocking = self.tun.set_nonblocking(true).is_ok();
+        let mut pending = 0;
         loop {
-            match self.tun.recv(&mut buf) {
-                Ok(n) => self.handle_tun_packet(&buf[..n], &mut out),
+            match self.tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, 0) {
+                Ok(n) => {
+                    for (buf, &len) in bufs.iter().zip(&sizes).take(n) {
+                        self.handle_tun_packet(&buf[..len], &mut out, &mut tx);
+                    }
+                    pending += n;
+                    if !nonblocking || pending >= TUN_DRAIN_MAX {
+                        self.flush_tx(&mut tx);
+                        pending = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.flush_tx(&mut tx);
+                    pending = 0;
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.tun.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A super-packet the splitter rejects (bad header, bad GSO size).
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Other) =>
+                {
+                    self.drops.add(DropReason::Malformed);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the TUN device failed; stopping the TUN reader");
                     return;
                 }
             }
         }
+    }
+
+    fn flush_tx(&self, tx: &mut TxBatch) {
+        tx.flush(&self.wire);
+        self.drops
+            .add_n(DropReason::IoError, std::mem::take(&mut tx.failed));
     }
 
     /// Blocking loop: UDP -> tunnels -> TUN.
@@ -572,22 +756,46 @@ impl Dataplane {
         self.udp_reader(VIA_NATT);
     }
 
+    /// Batched: up to [`quinn_udp::BATCH_SIZE`] buffers per `recvmmsg`, each one GRO
+    /// train of up to 64 datagrams; decrypted packets go to the TUN once per batch.
     fn udp_reader(&self, via: Via) {
+        const BATCH: usize = quinn_udp::BATCH_SIZE;
         let wire = match (via, &self.ipsec) {
             (VIA_IKE, Some(w)) => &w.ike,
             (VIA_NATT, Some(w)) => &w.natt,
             (VIA_SITE, _) => &self.wire,
             _ => return,
         };
-        let mut buf = vec![0u8; MAX_PACKET];
+        let mut storage = vec![0u8; BATCH * MAX_PACKET];
+        let mut meta = [quinn_udp::RecvMeta::default(); BATCH];
         let mut out = vec![0u8; MAX_PACKET];
+        let mut rx = TunBatch::new();
         loop {
-            match wire.recv_from(&mut buf) {
-                Ok((n, src)) => match via {
-                    VIA_IKE => self.handle_ike_datagram(&buf[..n], src),
-                    VIA_NATT => self.handle_natt_datagram(&buf[..n], src, &mut out),
-                    _ => self.handle_datagram(&buf[..n], src, &mut out),
-                },
+            let n = {
+                let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
+                let mut iovs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                    IoSliceMut::new(chunks.next().unwrap_or_default())
+                });
+                wire.recv_batch(&mut iovs, &mut meta)
+            };
+            match n {
+                Ok(n) => {
+                    for (i, m) in meta.iter().enumerate().take(n) {
+                        let buf = &storage[i * MAX_PACKET..][..m.len];
+                        for datagram in buf.chunks(m.stride.max(1)) {
+                            match via {
+                                VIA_IKE => self.handle_ike_datagram(datagram, m.addr),
+                                VIA_NATT => {
+                                    self.handle_natt_datagram(datagram, m.addr, &mut out, &mut rx)
+                                }
+                                _ => self.handle_datagram(datagram, m.addr, &mut out, &mut rx),
+                            }
+                        }
+                    }
+                    rx.flush(&self.tun);
+                    self.drops
+                        .add_n(DropReason::IoError, std::mem::take(&mut rx.failed));
+                }
                 Err(e)
                     if matches!(
                         e.kind(),

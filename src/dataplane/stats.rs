@@ -66,6 +66,11 @@ impl Drops {
     pub fn add(&self, reason: DropReason) {
         self.0[reason as usize].fetch_add(1, Relaxed);
     }
+    pub fn add_n(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.0[reason as usize].fetch_add(n, Relaxed);
+        }
+    }
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0[reason as usize].load(Relaxed)
     }

@@ -13,6 +13,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::{Tunn, TunnResult};
 use ipnet::IpNet;
 
+use super::batch::TxBatch;
 use super::stats::{DropReason, RttSource, TunnelStats};
 use super::{LocalKey, Wire};
 use crate::config::{Dpd, DpdAction, Endpoint};
@@ -270,11 +271,29 @@ impl WgTunnel {
     }
 
     fn send(&self, wire: &Wire, to: Option<SocketAddr>, datagram: &[u8]) {
+        self.send_via(wire, None, to, datagram);
+    }
+
+    /// Send now, or queue into `batch` (whose failures the packet thread counts).
+    fn send_via(
+        &self,
+        wire: &Wire,
+        batch: Option<&mut TxBatch>,
+        to: Option<SocketAddr>,
+        datagram: &[u8],
+    ) {
         let Some(to) = to else {
             self.stats.drops.add(DropReason::NoEndpoint);
             return;
         };
-        match wire.send_to(datagram, to) {
+        let sent = match batch {
+            Some(batch) => {
+                batch.push(wire, datagram, to);
+                Ok(datagram.len())
+            }
+            None => wire.send_to(datagram, to),
+        };
+        match sent {
             Ok(_) => {
                 self.stats.count_tx(datagram.len());
                 if is_initiation(datagram) {
@@ -312,13 +331,13 @@ impl WgTunnel {
         }
     }
 
-    /// A plaintext IP packet from the TUN, routed to this tunnel.
-    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+    /// A plaintext IP packet from the TUN, routed to this tunnel; the datagram joins `tx`.
+    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8], tx: &mut TxBatch) {
         self.stats.tx_inner_packets.fetch_add(1, Relaxed);
-        self.seal(wire, packet, out);
+        self.seal(wire, packet, out, Some(tx));
     }
 
-    fn seal(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+    fn seal(&self, wire: &Wire, packet: &[u8], out: &mut [u8], tx: Option<&mut TxBatch>) {
         if self.spec.dpd.action == DpdAction::Clear && !self.spec.ike && self.peer_dead() {
             // `clear`: the tunnel is down until the peer is heard from again.
             self.stats.drops.add(DropReason::NoEndpoint);
@@ -331,7 +350,7 @@ impl WgTunnel {
             return;
         };
         match session.tunn.encapsulate(packet, out) {
-            TunnResult::WriteToNetwork(d) => self.send(wire, endpoint, d),
+            TunnResult::WriteToNetwork(d) => self.send_via(wire, tx, endpoint, d),
             TunnResult::Done => {} // queued until the handshake completes
             TunnResult::Err(_) => self.stats.drops.add(DropReason::Malformed),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
@@ -608,7 +627,7 @@ impl WgTunnel {
         // Without a session the probe still goes out (it starts a handshake and feeds
         // loss and DPD) but its reply time would include the handshake.
         if let Some(request) = probe.poll_send(now, has_session) {
-            self.seal(wire, &request, out);
+            self.seal(wire, &request, out, None);
         }
         if !probe.dead_peer(now, self.spec.dpd.timeout) {
             return;
