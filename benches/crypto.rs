@@ -102,13 +102,13 @@ fn esp(c: &mut Criterion) {
         let packet = ipv4_packet(len);
         g.throughput(Throughput::Bytes(len as u64));
 
-        let (mut tx, _) = esp_pair();
+        let (tx, _) = esp_pair();
         let mut out = vec![0u8; sealed_len(len)];
         g.bench_function(format!("seal/{len}"), |bench| {
             bench.iter(|| tx.seal(black_box(&packet), &mut out).expect("seal"))
         });
 
-        let (mut tx, _) = esp_pair();
+        let (tx, _) = esp_pair();
         let mut buf = vec![0u8; sealed_len(len)];
         g.bench_function(format!("seal_in_place/{len}"), |bench| {
             bench.iter(|| {
@@ -117,7 +117,7 @@ fn esp(c: &mut Criterion) {
             })
         });
 
-        let (mut tx, mut rx) = esp_pair();
+        let (tx, rx) = esp_pair();
         let mut out = vec![0u8; sealed_len(len)];
         g.bench_function(format!("open/{len}"), |bench| {
             bench.iter_batched(
@@ -132,7 +132,7 @@ fn esp(c: &mut Criterion) {
             )
         });
 
-        let (mut tx, mut rx) = esp_pair();
+        let (tx, rx) = esp_pair();
         g.bench_function(format!("open_in_place/{len}"), |bench| {
             bench.iter_batched(
                 || {

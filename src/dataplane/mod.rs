@@ -20,8 +20,8 @@ pub mod wg;
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::os::fd::AsFd;
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -31,9 +31,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use crate::keys::{PrivateKey, PublicKey};
-use batch::{TunBatch, TxBatch};
 use crate::proto::demux::{self, Datagram};
 use crate::proto::ike::engine::Via;
+use batch::{TunBatch, TxBatch};
 use esp::{EspTunnel, SpiMap};
 use router::Router;
 use stats::{DropReason, Drops};
@@ -773,9 +773,8 @@ impl Dataplane {
         loop {
             let n = {
                 let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
-                let mut iovs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
-                    IoSliceMut::new(chunks.next().unwrap_or_default())
-                });
+                let mut iovs: [IoSliceMut<'_>; BATCH] =
+                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
                 wire.recv_batch(&mut iovs, &mut meta)
             };
             match n {
