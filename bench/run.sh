@@ -905,6 +905,8 @@ main() {
     summarize "$results" $SWBENCH_IMPLS
     echo
     echo "CPU per GB: lower is better, so a ratio < 1 favours sitewire there; for Gbit/s, > 1 favours sitewire."
+    echo "Targets (issue 8), as ratios against each other implementation: TCP 1 and 4 streams >= 3,"
+    echo "UDP loss-free rate >= 3, CPU-s per GB <= 0.33, ping avg <= 1 against boringtun."
     if [[ -s $OUTDIR/notes.txt ]]; then
       echo
       echo "Notes from the runs:"

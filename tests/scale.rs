@@ -22,6 +22,10 @@ use support::site::status;
 use support::{prereq, wait_until, Site, Topo};
 
 const TUNNELS: usize = 1000;
+/// Handshakes the simulated peers keep outstanding at once.
+const IN_FLIGHT: usize = 200;
+/// WireGuard's REKEY_TIMEOUT: an unanswered initiation is retransmitted after it.
+const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One simulated peer per tunnel; its boringtun index is its position + 1.
 struct Peers {
@@ -171,21 +175,39 @@ fn thousand_tunnels_one_daemon() {
     let mut out = vec![0u8; 65_536];
     let by_index: HashMap<u32, usize> = (0..TUNNELS).map(|i| ((i + 1) as u32, i)).collect();
 
-    // All peers initiate at once; stragglers (cookie replies under load) resend each second.
+    // Peers initiate with up to IN_FLIGHT handshakes outstanding (as a burst of spokes
+    // reconnecting would, without letting a slow daemon build a backlog of initiations
+    // that are stale by the time they are answered); an unanswered one is resent after
+    // WireGuard's REKEY_TIMEOUT.
     let t0 = Instant::now();
-    let mut last_round = t0 - Duration::from_secs(2);
+    let mut sent_at: Vec<Option<Instant>> = vec![None; TUNNELS];
     let mut done = 0;
     while done < TUNNELS && t0.elapsed() < Duration::from_secs(120) {
-        if last_round.elapsed() >= Duration::from_secs(1) {
-            last_round = Instant::now();
-            for (i, t) in peers.tunns.iter_mut().enumerate() {
-                if peers.done_at[i].is_some() {
-                    continue;
-                }
-                if let TunnResult::WriteToNetwork(d) = t.format_handshake_initiation(&mut out, true)
-                {
-                    sock.send_to(d, hub_addr).expect("send initiation");
-                }
+        let mut in_flight = sent_at
+            .iter()
+            .zip(&peers.done_at)
+            .filter(|(s, d)| s.is_some() && d.is_none())
+            .count();
+        let pending = sent_at
+            .iter_mut()
+            .zip(&mut peers.tunns)
+            .zip(&peers.done_at)
+            .filter(|(_, done_at)| done_at.is_none());
+        for ((sent, tunn), _) in pending {
+            let due = match *sent {
+                None => in_flight < IN_FLIGHT,
+                Some(at) => at.elapsed() >= REKEY_TIMEOUT,
+            };
+            if !due {
+                continue;
+            }
+            if sent.is_none() {
+                in_flight += 1;
+            }
+            *sent = Some(Instant::now());
+            if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(&mut out, true)
+            {
+                sock.send_to(d, hub_addr).expect("send initiation");
             }
         }
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
@@ -249,10 +271,9 @@ fn thousand_tunnels_one_daemon() {
         handshakes.as_secs_f64()
     );
     assert!(per_tunnel_kib < 64.0, "{per_tunnel_kib:.1} KiB per tunnel");
-    assert!(
-        handshakes < Duration::from_secs(40),
-        "handshakes took {handshakes:?}"
-    );
+    // A debug build does its X25519 unoptimised, on both sides: allow for that.
+    let bound = Duration::from_secs(if cfg!(debug_assertions) { 90 } else { 20 });
+    assert!(handshakes < bound, "handshakes took {handshakes:?}");
     assert!(
         idle_cpu_pct < 10.0,
         "idle CPU {idle_cpu_pct:.2} % of a core"
