@@ -731,6 +731,11 @@ impl Driver {
                     "CHILD SA installed"
                 );
             }
+            Event::ChildRetiring { peer, id } => {
+                if let Kind::Esp(esp) = &self.tunnels[peer].kind {
+                    esp.retire(id.0);
+                }
+            }
             Event::ChildDown { peer, id } => match &self.tunnels[peer].kind {
                 Kind::Wg(wg) => wg.retire_child(id.0),
                 Kind::Esp(esp) => {

@@ -219,6 +219,16 @@ impl EspTunnel {
         self.last_child_ns.store(ns, Relaxed);
     }
 
+    /// The peer deleted CHILD SA `id`: if it carries our outbound traffic, move to the
+    /// newest other one now (the peer only receives on it for a short grace).
+    pub fn retire(&self, id: u64) {
+        if self.out_id.load(Relaxed) == id {
+            if let Some(c) = self.children.load().iter().rev().find(|c| c.id != id) {
+                self.out_id.store(c.id, Relaxed);
+            }
+        }
+    }
+
     /// A CHILD SA is gone; returns its inbound SPI.
     pub fn remove(&self, id: u64) -> Option<u32> {
         let mut spi = None;

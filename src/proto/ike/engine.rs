@@ -255,6 +255,13 @@ pub enum Event {
         peer: PeerId,
         id: ChildId,
     },
+    /// The peer deleted the CHILD SA (it still receives for a short grace, see
+    /// [`OLD_CHILD_GRACE`]): stop sending on it now. After a rekey the peer made, this is
+    /// the sign that it has the new CHILD SA installed.
+    ChildRetiring {
+        peer: PeerId,
+        id: ChildId,
+    },
     /// Retransmissions or the DPD timeout ran out.
     PeerDead {
         peer: PeerId,
@@ -3045,6 +3052,7 @@ impl Endpoint {
         let peer = sa.peer;
         let mut out = Vec::new();
         let mut delete_ike = false;
+        let mut retiring = Vec::new();
         for p in inner {
             let Payload::Delete(d) = p else { continue };
             match d.protocol {
@@ -3065,6 +3073,7 @@ impl Endpoint {
                                 ours.push(c.info.spi_in.to_be_bytes().to_vec());
                             }
                             c.expires.get_or_insert(now + OLD_CHILD_GRACE);
+                            retiring.push(c.info.id);
                         }
                     }
                     if !ours.is_empty() {
@@ -3087,6 +3096,9 @@ impl Endpoint {
         }
         self.respond(sa, header, from, &out);
         if let Some(peer) = peer {
+            for id in retiring {
+                self.event(Event::ChildRetiring { peer, id });
+            }
             for p in inner {
                 if let Payload::Notify(n) = p {
                     if n.ty >= PRIVATE_NOTIFY_MIN {
