@@ -87,12 +87,7 @@ fn to_strings<T: ToString>(v: &[T]) -> Vec<String> {
 
 impl TunnelStatus {
     pub fn of(t: &WgTunnel, now: SystemTime) -> Self {
-        let (hs_sec, hs_nsec) = t.last_handshake();
-        let last = (hs_sec > 0).then_some(hs_sec);
-        let age = last.map(|_| {
-            let at = UNIX_EPOCH + std::time::Duration::new(hs_sec, hs_nsec);
-            now.duration_since(at).map_or(0, |d| d.as_secs())
-        });
+        let (last, age) = handshake_time(t.last_handshake(), now);
         let (rtt, loss) = t.rtt_and_loss();
         let snap = crate::metrics::wg_snapshot(t);
         let state = serde_json::to_value(t.state())
@@ -156,12 +151,7 @@ impl TunnelStatus {
 impl TunnelStatus {
     /// An IPsec tunnel, in the same shape (`peer_public_key` holds the peer's IKE id).
     pub fn of_esp(t: &crate::dataplane::esp::EspTunnel, now: SystemTime) -> Self {
-        let (hs_sec, hs_nsec) = t.last_handshake();
-        let last = (hs_sec > 0).then_some(hs_sec);
-        let age = last.map(|_| {
-            let at = UNIX_EPOCH + std::time::Duration::new(hs_sec, hs_nsec);
-            now.duration_since(at).map_or(0, |d| d.as_secs())
-        });
+        let (last, age) = handshake_time(t.last_handshake(), now);
         let ike = t
             .ike_status
             .lock()
@@ -211,6 +201,19 @@ impl TunnelStatus {
             ike,
         }
     }
+}
+
+/// (Unix seconds, age in seconds) of the latest handshake given as (seconds, nanoseconds),
+/// both None if there was none.
+fn handshake_time((sec, nsec): (u64, u32), now: SystemTime) -> (Option<u64>, Option<u64>) {
+    if sec == 0 {
+        return (None, None);
+    }
+    let at = UNIX_EPOCH + std::time::Duration::new(sec, nsec);
+    (
+        Some(sec),
+        Some(now.duration_since(at).map_or(0, |d| d.as_secs())),
+    )
 }
 
 fn owned(m: BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {

@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use super::wg::lock;
 use std::time::{Duration, Instant};
 
 /// A CHILD SA the peer made carries our outbound traffic after this long even if nothing
@@ -107,10 +109,6 @@ impl ChildSa {
     pub fn sent(&self) -> u64 {
         self.sa.next_seq() - 1
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// An IPsec tunnel.

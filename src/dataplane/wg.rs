@@ -184,7 +184,8 @@ pub struct WgTunnel {
     pub ike_status: Mutex<Option<crate::ikewg::IkeStatus>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks, recovering the guard if a holder panicked (shared by the WireGuard and ESP tunnels).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
