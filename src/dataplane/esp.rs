@@ -24,6 +24,7 @@ pub const SWITCH_AFTER: Duration = Duration::from_secs(1);
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ipnet::IpNet;
 
+use super::batch::TxBatch;
 use super::stats::{DropReason, TunnelStats};
 use super::Wire;
 use crate::config::{Dpd, Endpoint, StartAction};
@@ -257,7 +258,7 @@ impl EspTunnel {
     }
 
     /// A plaintext IP packet from the TUN, routed to this tunnel.
-    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8]) {
+    pub fn encapsulate(&self, wire: &Wire, packet: &[u8], out: &mut [u8], tx: &mut TxBatch) {
         self.stats.tx_inner_packets.fetch_add(1, Relaxed);
         let children = self.children.load();
         let out_id = self.out_id.load(Relaxed);
@@ -287,10 +288,11 @@ impl EspTunnel {
             self.wants_rekey.store(true, Relaxed);
         }
         match sealed {
-            Ok(n) => match wire.send_to(&out[..n], dst) {
-                Ok(_) => self.stats.count_tx(n),
-                Err(_) => self.stats.drops.add(DropReason::IoError),
-            },
+            // A failed send is counted by the packet thread that flushes `tx`.
+            Ok(n) => {
+                tx.push(wire, &out[..n], dst);
+                self.stats.count_tx(n);
+            }
             Err(SealError::SeqExhausted) => {
                 self.wants_rekey.store(true, Relaxed);
                 self.stats.drops.add(DropReason::NoKeys);
@@ -431,6 +433,14 @@ mod tests {
         p
     }
 
+    /// Encapsulate one packet and send it at once.
+    fn send(t: &EspTunnel, w: &Wire, out: &mut [u8]) {
+        let mut tx = TxBatch::new();
+        t.encapsulate(w, &packet(), out, &mut tx);
+        tx.flush(w);
+        assert_eq!(tx.failed, 0);
+    }
+
     /// Loopback socket pair: our wire and the "peer" that receives the ESP.
     fn wire() -> (Wire, std::net::UdpSocket) {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -444,7 +454,7 @@ mod tests {
         t.set_remote(Some(peer.local_addr().unwrap()));
         let mut out = vec![0u8; 2048];
         t.install(child(1, 0x1000, 0x2000, esp::SEQ_SOFT_LIMIT - 1), true);
-        t.encapsulate(&w, &packet(), &mut out);
+        send(&t, &w, &mut out);
         assert_eq!(t.stats.tx_packets.load(Relaxed), 1);
         assert!(
             t.wants_rekey.load(Relaxed),
@@ -452,13 +462,13 @@ mod tests {
         );
         // At the hard limit nothing more goes out on this SA.
         t.install(child(2, 0x1001, 0x2001, esp::SEQ_HARD_LIMIT + 1), true);
-        t.encapsulate(&w, &packet(), &mut out);
+        send(&t, &w, &mut out);
         assert_eq!(t.stats.tx_packets.load(Relaxed), 1);
         assert_eq!(t.stats.drops.get(DropReason::NoKeys), 1);
         // A fresh CHILD SA clears the request and carries traffic again.
         t.install(child(3, 0x1002, 0x2002, 1), true);
         assert!(!t.wants_rekey.load(Relaxed));
-        t.encapsulate(&w, &packet(), &mut out);
+        send(&t, &w, &mut out);
         assert_eq!(t.stats.tx_packets.load(Relaxed), 2);
     }
 
@@ -475,7 +485,7 @@ mod tests {
         let new = child(2, 0x1001, 0x2001, 1);
         t.install(new.clone(), false);
         let mut buf = [0u8; 2048];
-        t.encapsulate(&w, &packet(), &mut out);
+        send(&t, &w, &mut out);
         let (n, _) = peer.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..4], &0x2000u32.to_be_bytes(), "still on the old SA");
         // A packet from the peer on SA 2 (sealed with the peer's keys = our inbound key).
@@ -489,7 +499,7 @@ mod tests {
         let mut delivered = 0;
         t.decapsulate(&new, &esp_pkt[..len], &mut out, &mut |_| delivered += 1);
         assert_eq!(delivered, 1);
-        t.encapsulate(&w, &packet(), &mut out);
+        send(&t, &w, &mut out);
         let (m, _) = peer.recv_from(&mut buf).unwrap();
         assert_eq!(
             &buf[..4],

@@ -346,6 +346,41 @@ pub struct Dataplane {
     pub spis: SpiMap,
 }
 
+/// Buffers of the TUN reader: one `recv_multiple`, the cipher output and the UDP
+/// trains being built (WireGuard to the site's port, ESP to the NAT-T port).
+struct TunPath {
+    raw: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Vec<u8>,
+    tx: TxBatch,
+    esp_tx: TxBatch,
+    /// Reads return `WouldBlock` when the TUN is empty (else they block).
+    nonblocking: bool,
+}
+
+impl TunPath {
+    fn new(tun: &tun_rs::SyncDevice) -> Self {
+        let batch = if tun.tcp_gso() {
+            tun_rs::IDEAL_BATCH_SIZE
+        } else {
+            1
+        };
+        Self {
+            raw: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            bufs: (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect(),
+            sizes: vec![0usize; batch],
+            out: vec![0u8; MAX_PACKET],
+            tx: TxBatch::new(),
+            esp_tx: TxBatch::new(),
+            // Non-blocking reads drain what the TUN holds before the trains go out, so
+            // single packets (UDP, ACKs) leave in batches too; `poll` waits when it is
+            // empty.
+            nonblocking: tun.set_nonblocking(true).is_ok(),
+        }
+    }
+}
+
 /// The IKE (500) and NAT-T (4500) sockets of a site with IPsec tunnels.
 pub struct IpsecWires {
     pub ike: Wire,
@@ -496,9 +531,15 @@ impl Dataplane {
             .rcu(|t| Arc::new(TunnelTable::new(t.list.clone())));
     }
 
-    /// One plaintext packet read from the TUN; a WireGuard datagram joins `tx` (ESP
-    /// leaves at once on the NAT-T socket).
-    pub fn handle_tun_packet(&self, packet: &[u8], out: &mut [u8], tx: &mut TxBatch) {
+    /// One plaintext packet read from the TUN; its datagram joins `tx` (WireGuard, to
+    /// the site's port) or `esp_tx` (ESP, to the NAT-T port).
+    pub fn handle_tun_packet(
+        &self,
+        packet: &[u8],
+        out: &mut [u8],
+        tx: &mut TxBatch,
+        esp_tx: &mut TxBatch,
+    ) {
         let Some(dst) = Tunn::dst_address(packet) else {
             self.drops.add(DropReason::Malformed);
             return;
@@ -507,7 +548,7 @@ impl Dataplane {
         match table.router.lookup(dst) {
             Some(&Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out, tx),
             Some(&Route::Esp(i)) => match &self.ipsec {
-                Some(w) => table.esp[i].encapsulate(&w.natt, packet, out),
+                Some(w) => table.esp[i].encapsulate(&w.natt, packet, out, esp_tx),
                 None => self.drops.add(DropReason::NoRoute),
             },
             None => self.drops.add(DropReason::NoRoute),
@@ -683,49 +724,18 @@ impl Dataplane {
     /// Blocking loop: TUN -> tunnels -> UDP. Runs on its own thread for the daemon's life.
     ///
     /// With TUN offload a read is a TSO super-packet that `recv_multiple` splits into
-    /// MTU-sized segments; their datagrams leave as UDP GSO trains once the read is done.
+    /// MTU-sized segments; their datagrams leave as UDP GSO trains once the TUN is
+    /// drained (or every [`TUN_DRAIN_MAX`] packets).
     pub fn run_tun_reader(self: Arc<Self>) {
-        let batch = if self.tun.tcp_gso() {
-            tun_rs::IDEAL_BATCH_SIZE
-        } else {
-            1
-        };
-        let mut raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; MAX_PACKET]).collect();
-        let mut sizes = vec![0usize; batch];
-        let mut out = vec![0u8; MAX_PACKET];
-        let mut tx = TxBatch::new();
-        // Non-blocking reads drain what the TUN holds before the trains go out, so
-        // single packets (UDP, ACKs) leave in batches too; `poll` waits when it is empty.
-        let nonblocking = self.tun.set_nonblocking(true).is_ok();
-        let mut pending = 0;
+        let mut path = TunPath::new(&self.tun);
         loop {
-            match self.tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, 0) {
-                Ok(n) => {
-                    for (buf, &len) in bufs.iter().zip(&sizes).take(n) {
-                        self.handle_tun_packet(&buf[..len], &mut out, &mut tx);
-                    }
-                    pending += n;
-                    if !nonblocking || pending >= TUN_DRAIN_MAX {
-                        self.flush_tx(&mut tx);
-                        pending = 0;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.flush_tx(&mut tx);
-                    pending = 0;
+            match self.drain_tun(&mut path) {
+                Ok(_) => {
                     let mut fds = [nix::poll::PollFd::new(
                         self.tun.as_fd(),
                         nix::poll::PollFlags::POLLIN,
                     )];
                     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A super-packet the splitter rejects (bad header, bad GSO size).
-                Err(e)
-                    if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Other) =>
-                {
-                    self.drops.add(DropReason::Malformed);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the TUN device failed; stopping the TUN reader");
@@ -735,10 +745,75 @@ impl Dataplane {
         }
     }
 
-    fn flush_tx(&self, tx: &mut TxBatch) {
+    /// Read the TUN, encrypt and send until it has nothing more; everything read has
+    /// left when this returns. Without a non-blocking TUN every read blocks: then one
+    /// read per call.
+    fn drain_tun(&self, path: &mut TunPath) -> io::Result<()> {
+        let TunPath {
+            raw,
+            bufs,
+            sizes,
+            out,
+            tx,
+            esp_tx,
+            nonblocking,
+        } = path;
+        let mut pending = 0;
+        let mut result = Ok(());
+        let mut yielded = false;
+        loop {
+            match self.tun.recv_multiple(raw, bufs, sizes, 0) {
+                Ok(n) => {
+                    for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
+                        self.handle_tun_packet(&buf[..len], out, tx, esp_tx);
+                    }
+                    pending += n;
+                    if !*nonblocking {
+                        break;
+                    }
+                    if pending >= TUN_DRAIN_MAX {
+                        self.flush_tx(tx, esp_tx);
+                        pending = 0;
+                    }
+                }
+                // Empty: send what we have, then give the CPU to whoever is ready to
+                // run (often the sender feeding the TUN) and look once more before
+                // sleeping. Under a stream of single packets (UDP) this turns a sleep
+                // and wake-up per packet into batches; a yield costs well under a µs.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if yielded {
+                        break;
+                    }
+                    self.flush_tx(tx, esp_tx);
+                    pending = 0;
+                    yielded = true;
+                    std::thread::yield_now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A super-packet the splitter rejects (bad header, bad GSO size).
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Other) =>
+                {
+                    self.drops.add(DropReason::Malformed);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.flush_tx(tx, esp_tx);
+        result
+    }
+
+    fn flush_tx(&self, tx: &mut TxBatch, esp_tx: &mut TxBatch) {
         tx.flush(&self.wire);
-        self.drops
-            .add_n(DropReason::IoError, std::mem::take(&mut tx.failed));
+        let mut failed = std::mem::take(&mut tx.failed);
+        if let Some(w) = &self.ipsec {
+            esp_tx.flush(&w.natt);
+            failed += std::mem::take(&mut esp_tx.failed);
+        }
+        self.drops.add_n(DropReason::IoError, failed);
     }
 
     /// Blocking loop: UDP -> tunnels -> TUN.
@@ -770,7 +845,15 @@ impl Dataplane {
         let mut meta = [quinn_udp::RecvMeta::default(); BATCH];
         let mut out = vec![0u8; MAX_PACKET];
         let mut rx = TunBatch::new();
+        let mut drained = false;
         loop {
+            if drained {
+                // The last batch was not full: the socket is probably empty. Let the
+                // CPU go to whoever is ready (the peer daemon or the application)
+                // before the next `recvmmsg`, which waits if nothing came meanwhile:
+                // fewer sleeps and wake-ups when datagrams arrive one by one.
+                std::thread::yield_now();
+            }
             let n = {
                 let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
                 let mut iovs: [IoSliceMut<'_>; BATCH] =
@@ -779,6 +862,7 @@ impl Dataplane {
             };
             match n {
                 Ok(n) => {
+                    drained = n < BATCH;
                     for (i, m) in meta.iter().enumerate().take(n) {
                         let buf = &storage[i * MAX_PACKET..][..m.len];
                         for datagram in buf.chunks(m.stride.max(1)) {
@@ -801,7 +885,8 @@ impl Dataplane {
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused
                     ) =>
                 {
-                    continue
+                    drained = false;
+                    continue;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the UDP socket failed; stopping the UDP reader");
