@@ -29,6 +29,7 @@
 #   SITEWIRE_BIN     use this sitewire binary instead of running `cargo build --release`
 #   WIREGUARD_GO_BIN wireguard-go binary (default: wireguard-go from PATH)
 #   BORINGTUN_BIN    boringtun-cli binary (default: PATH, then ~/.cargo/bin)
+#   SWBENCH_UDP_BUFFER  iperf3 -w of the UDP probes (default 4M; empty: iperf3's own)
 #
 # Output: a markdown header (machine, versions, settings) and, at the end, a table
 # "median [min–max]" per metric and implementation with ratio columns
@@ -73,6 +74,9 @@ export SWBENCH_PING_COUNT=${SWBENCH_PING_COUNT:-100}
 export SWBENCH_PING_INTERVAL=${SWBENCH_PING_INTERVAL:-0.01}
 export SWBENCH_UDP_MAX_LOSS=${SWBENCH_UDP_MAX_LOSS:-0.5}
 export SWBENCH_UDP_PROBE_S=${SWBENCH_UDP_PROBE_S:-3}
+# iperf3 -w for the UDP probes (empty: iperf3's default, the host's 208 KiB): with the
+# default the receiving iperf3 itself overflows on bare veth above ~1 Gbit/s here.
+export SWBENCH_UDP_BUFFER=${SWBENCH_UDP_BUFFER-4M}
 export SWBENCH_CC=${SWBENCH_CC-cubic}
 NICE=(nice -n -20)
 INSTALL_BORINGTUN=0
@@ -500,7 +504,8 @@ measure_tcp() { # name streams
 UDP_LOSS=""; UDP_RX=""
 udp_probe() { # rate-bit/s datagram-len -> UDP_LOSS (%), UDP_RX (bit/s)
   local json="$RUNDIR/udp-search-$1.json"
-  iperf_client "$json" $((SWBENCH_UDP_PROBE_S + 30)) -u -b "$1" -l "$2" -t "$SWBENCH_UDP_PROBE_S" ||
+  iperf_client "$json" $((SWBENCH_UDP_PROBE_S + 30)) -u -b "$1" -l "$2" -t "$SWBENCH_UDP_PROBE_S" \
+    ${SWBENCH_UDP_BUFFER:+-w "$SWBENCH_UDP_BUFFER"} ||
     die "iperf3 UDP probe at $1 bit/s failed: $(jq -r '.error // empty' "$json" 2>/dev/null)"
   read -r UDP_LOSS UDP_RX < <(jq -r '[(.end.sum_received.lost_percent // .end.sum.lost_percent),
       .end.sum_received.bits_per_second] | @tsv' "$json")
@@ -838,7 +843,7 @@ print_header() {
   echo "| wg | \`$(wg --version 2>&1 | head -n1 | cut -d' ' -f1-2)\` |"
   echo "| iperf3 | \`$(iperf3 --version 2>&1 | head -n1)\` |"
   echo "| ping | \`$(ping -V 2>&1 | head -n1)\` |"
-  echo "| settings | rounds $SWBENCH_ROUNDS (interleaved: $SWBENCH_IMPLS); tests: $SWBENCH_TESTS; iperf3 -t $SWBENCH_DURATION, -C ${SWBENCH_CC:-default}, tcp4 = -P $PARALLEL; ping ${SWBENCH_PING_COUNT} × ${SWBENCH_PING_INTERVAL} s; MTU $MTU; nice -20; idle wait < ${SWBENCH_IDLE_PCT} % busy, max ${SWBENCH_IDLE_MAX} s before each test |"
+  echo "| settings | rounds $SWBENCH_ROUNDS (interleaved: $SWBENCH_IMPLS); tests: $SWBENCH_TESTS; iperf3 -t $SWBENCH_DURATION, -C ${SWBENCH_CC:-default}, tcp4 = -P $PARALLEL; ping ${SWBENCH_PING_COUNT} × ${SWBENCH_PING_INTERVAL} s; UDP probes -w ${SWBENCH_UDP_BUFFER:-default}; MTU $MTU; nice -20; idle wait < ${SWBENCH_IDLE_PCT} % busy, max ${SWBENCH_IDLE_MAX} s before each test |"
   echo
 }
 
