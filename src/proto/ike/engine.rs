@@ -576,6 +576,26 @@ impl IkeSa {
     }
 }
 
+/// What a new CHILD SA is derived from (RFC 7296 §2.17) and what it carries.
+struct NewChild<'a> {
+    /// Our SPI of the IKE SA it belongs to.
+    ike: u64,
+    sk_d: &'a [u8],
+    /// The Diffie-Hellman shared secrets of a PFS exchange (empty: none).
+    shared: &'a [&'a [u8]],
+    ni: &'a [u8],
+    nr: &'a [u8],
+    /// We sent the request that created it.
+    initiator: bool,
+    spi_in: u32,
+    spi_out: u32,
+    aead: AeadAlg,
+    local_ts: Vec<TrafficSelector>,
+    remote_ts: Vec<TrafficSelector>,
+    /// The CHILD SA it replaces, for a rekey.
+    rekey_of: Option<ChildId>,
+}
+
 struct Child {
     info: ChildInfo,
     /// Our SPI of the IKE SA it belongs to (follows IKE rekeys).
@@ -2156,18 +2176,20 @@ impl Endpoint {
         let keys = sa.keys.as_ref().expect("keys exist");
         let child = self.make_child(
             peer,
-            sa.our_spi(),
-            &keys.sk_d.clone(),
-            &[],
-            &sa.ni.clone(),
-            &sa.nr.clone(),
-            true,
-            spi_in,
-            spi_out,
-            aead,
-            ts_i.to_vec(),
-            ts_r.to_vec(),
-            None,
+            NewChild {
+                ike: sa.our_spi(),
+                sk_d: &keys.sk_d.clone(),
+                shared: &[],
+                ni: &sa.ni.clone(),
+                nr: &sa.nr.clone(),
+                initiator: true,
+                spi_in,
+                spi_out,
+                aead,
+                local_ts: ts_i.to_vec(),
+                remote_ts: ts_r.to_vec(),
+                rekey_of: None,
+            },
             now,
         );
         self.event(Event::ChildUp { peer, child });
@@ -2274,24 +2296,22 @@ impl Endpoint {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn make_child(
-        &mut self,
-        peer: PeerId,
-        ike: u64,
-        sk_d: &[u8],
-        shared: &[&[u8]],
-        ni: &[u8],
-        nr: &[u8],
-        initiator: bool,
-        spi_in: u32,
-        spi_out: u32,
-        aead: AeadAlg,
-        local_ts: Vec<TrafficSelector>,
-        remote_ts: Vec<TrafficSelector>,
-        rekey_of: Option<ChildId>,
-        now: Instant,
-    ) -> ChildInfo {
+    /// Derive and record a new CHILD SA (RFC 7296 §2.17 keying material).
+    fn make_child(&mut self, peer: PeerId, new: NewChild<'_>, now: Instant) -> ChildInfo {
+        let NewChild {
+            ike,
+            sk_d,
+            shared,
+            ni,
+            nr,
+            initiator,
+            spi_in,
+            spi_out,
+            aead,
+            local_ts,
+            remote_ts,
+            rekey_of,
+        } = new;
         let kind = self.peers[peer].cfg.child_kind;
         let keys = match kind {
             ChildKind::WireGuardPsk => {
@@ -2423,18 +2443,20 @@ impl Endpoint {
         let shared_parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
         let child = self.make_child(
             peer,
-            sa.our_spi(),
-            &sk_d,
-            &shared_parts,
-            ni,
-            nr,
-            true,
-            spi_in,
-            spi_out,
-            aead,
-            ts_i.to_vec(),
-            ts_r.to_vec(),
-            Some(old),
+            NewChild {
+                ike: sa.our_spi(),
+                sk_d: &sk_d,
+                shared: &shared_parts,
+                ni,
+                nr,
+                initiator: true,
+                spi_in,
+                spi_out,
+                aead,
+                local_ts: ts_i.to_vec(),
+                remote_ts: ts_r.to_vec(),
+                rekey_of: Some(old),
+            },
             now,
         );
         let new_id = child.id;
@@ -2796,18 +2818,20 @@ impl Endpoint {
             let keys = sa.keys.as_ref().expect("keys");
             let info = self.make_child(
                 peer,
-                sa.our_spi(),
-                &keys.sk_d.clone(),
-                &[],
-                &sa.ni.clone(),
-                &sa.nr.clone(),
-                false,
-                spi_in,
-                spi_out,
-                aead,
-                local_ts,
-                remote_ts,
-                None,
+                NewChild {
+                    ike: sa.our_spi(),
+                    sk_d: &keys.sk_d.clone(),
+                    shared: &[],
+                    ni: &sa.ni.clone(),
+                    nr: &sa.nr.clone(),
+                    initiator: false,
+                    spi_in,
+                    spi_out,
+                    aead,
+                    local_ts,
+                    remote_ts,
+                    rekey_of: None,
+                },
                 now,
             );
             self.event(Event::ChildUp { peer, child: info });
@@ -2925,18 +2949,20 @@ impl Endpoint {
         let parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
         let info = self.make_child(
             peer,
-            sa.our_spi(),
-            &sk_d,
-            &parts,
-            ni,
-            &nr,
-            false,
-            spi_in,
-            spi_out,
-            aead,
-            narrowed_r,
-            narrowed_i,
-            old,
+            NewChild {
+                ike: sa.our_spi(),
+                sk_d: &sk_d,
+                shared: &parts,
+                ni,
+                nr: &nr,
+                initiator: false,
+                spi_in,
+                spi_out,
+                aead,
+                local_ts: narrowed_r,
+                remote_ts: narrowed_i,
+                rekey_of: old,
+            },
             now,
         );
         // §2.8.1, seen from this side: we already finished our own rekey of the same SA.
