@@ -114,6 +114,11 @@ impl TunBatch {
         }
     }
 
+    /// Nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Queue one IP packet, writing out the batch first if it is full.
     pub fn push(&mut self, tun: &SyncDevice, packet: &[u8]) {
         if self.len == self.bufs.len() {

@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod esp;
+pub mod handover;
 pub mod netlink;
 pub mod router;
 pub mod stats;
@@ -22,7 +23,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -35,6 +36,7 @@ use crate::proto::demux::{self, Datagram};
 use crate::proto::ike::engine::Via;
 use batch::{TunBatch, TxBatch};
 use esp::{EspTunnel, SpiMap};
+use handover::Handover;
 use router::Router;
 use stats::{DropReason, Drops};
 use wg::{Target, WgTunnel, WgTunnelSpec};
@@ -154,20 +156,27 @@ impl Wire {
         meta: &mut [quinn_udp::RecvMeta],
     ) -> io::Result<usize> {
         loop {
-            match self.state.recv((&self.sock).into(), bufs, meta) {
-                Ok(n) => {
-                    for m in &mut meta[..n] {
-                        m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
-                    }
-                    return Ok(n);
-                }
+            match self.try_recv_batch(bufs, meta) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.wait(nix::poll::PollFlags::POLLIN)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
+    }
+
+    /// [`recv_batch`](Self::recv_batch) without waiting: `WouldBlock` when empty.
+    pub fn try_recv_batch(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn_udp::RecvMeta],
+    ) -> io::Result<usize> {
+        let n = self.state.recv((&self.sock).into(), bufs, meta)?;
+        for m in &mut meta[..n] {
+            m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+        }
+        Ok(n)
     }
 
     pub fn local_port(&self) -> io::Result<u16> {
@@ -344,6 +353,10 @@ pub struct Dataplane {
     pub ipsec: Option<IpsecWires>,
     /// Inbound ESP SPIs of the IPsec tunnels.
     pub spis: SpiMap,
+    /// The TUN -> UDP direction's buffers, used by whichever thread owns the TUN.
+    tun_path: Mutex<TunPath>,
+    /// Which thread owns the TUN (see [`handover`]).
+    handover: Handover,
 }
 
 /// Buffers of the TUN reader: one `recv_multiple`, the cipher output and the UDP
@@ -412,7 +425,11 @@ impl Dataplane {
             HANDSHAKE_RATE_LIMIT.max(2 * HANDSHAKES_PER_TUNNEL * specs.len() as u64);
         let local = LocalKey::with_limit(private, handshake_limit);
         let listen_port = wire.local_port()?;
+        let path = TunPath::new(&tun);
+        let handover = Handover::new(path.nonblocking)?;
         let dp = Self {
+            tun_path: Mutex::new(path),
+            handover,
             wire,
             tun,
             tunnels: ArcSwap::from_pointee(TunnelTable::default()),
@@ -727,28 +744,50 @@ impl Dataplane {
     /// MTU-sized segments; their datagrams leave as UDP GSO trains once the TUN is
     /// drained (or every [`TUN_DRAIN_MAX`] packets).
     pub fn run_tun_reader(self: Arc<Self>) {
-        let mut path = TunPath::new(&self.tun);
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let hand = &self.handover;
+        let mut small = 0;
         loop {
-            match self.drain_tun(&mut path) {
-                Ok(_) => {
-                    let mut fds = [nix::poll::PollFd::new(
-                        self.tun.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
-                }
+            if !hand.heavy() {
+                // The UDP reader serves the TUN; wait until it hands it over.
+                let mut fds = [PollFd::new(hand.tun_reader.fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::NONE);
+                hand.tun_reader.clear();
+                small = 0;
+                continue;
+            }
+            let packets = match self.drain_tun(&mut self.lock_tun_path(), true) {
+                Ok(n) => n,
                 Err(e) => {
                     tracing::error!(error = %e, "reading the TUN device failed; stopping the TUN reader");
                     return;
                 }
+            };
+            small = if packets <= 1 { small + 1 } else { 0 };
+            if small >= handover::LIGHT_AFTER_SMALL_DRAINS {
+                hand.to_light();
+                continue;
+            }
+            let mut fds = [
+                PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+                PollFd::new(hand.tun_reader.fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::from(handover::LIGHT_AFTER_IDLE_MS)) {
+                Ok(0) => hand.to_light(),
+                _ => hand.tun_reader.clear(),
             }
         }
     }
 
+    fn lock_tun_path(&self) -> std::sync::MutexGuard<'_, TunPath> {
+        self.tun_path.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Read the TUN, encrypt and send until it has nothing more; everything read has
     /// left when this returns. Without a non-blocking TUN every read blocks: then one
-    /// read per call.
-    fn drain_tun(&self, path: &mut TunPath) -> io::Result<()> {
+    /// read per call. With `patient`, an empty TUN gets one more look after a yield of
+    /// the CPU (see below). Returns the packets read.
+    fn drain_tun(&self, path: &mut TunPath, patient: bool) -> io::Result<usize> {
         let TunPath {
             raw,
             bufs,
@@ -759,8 +798,9 @@ impl Dataplane {
             nonblocking,
         } = path;
         let mut pending = 0;
+        let mut total = 0;
         let mut result = Ok(());
-        let mut yielded = false;
+        let mut yielded = !patient;
         loop {
             match self.tun.recv_multiple(raw, bufs, sizes, 0) {
                 Ok(n) => {
@@ -768,6 +808,7 @@ impl Dataplane {
                         self.handle_tun_packet(&buf[..len], out, tx, esp_tx);
                     }
                     pending += n;
+                    total += n;
                     if !*nonblocking {
                         break;
                     }
@@ -803,7 +844,7 @@ impl Dataplane {
             }
         }
         self.flush_tx(tx, esp_tx);
-        result
+        result.map(|()| total)
     }
 
     fn flush_tx(&self, tx: &mut TxBatch, esp_tx: &mut TxBatch) {
@@ -833,7 +874,9 @@ impl Dataplane {
 
     /// Batched: up to [`quinn_udp::BATCH_SIZE`] buffers per `recvmmsg`, each one GRO
     /// train of up to 64 datagrams; decrypted packets go to the TUN once per batch.
+    /// The site's reader also serves the TUN while traffic is light (see [`handover`]).
     fn udp_reader(&self, via: Via) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         const BATCH: usize = quinn_udp::BATCH_SIZE;
         let wire = match (via, &self.ipsec) {
             (VIA_IKE, Some(w)) => &w.ike,
@@ -841,28 +884,23 @@ impl Dataplane {
             (VIA_SITE, _) => &self.wire,
             _ => return,
         };
+        let serves_tun = via == VIA_SITE;
+        let hand = &self.handover;
         let mut storage = vec![0u8; BATCH * MAX_PACKET];
         let mut meta = [quinn_udp::RecvMeta::default(); BATCH];
         let mut out = vec![0u8; MAX_PACKET];
         let mut rx = TunBatch::new();
-        let mut drained = false;
+        let mut yielded = false;
         loop {
-            if drained {
-                // The last batch was not full: the socket is probably empty. Let the
-                // CPU go to whoever is ready (the peer daemon or the application)
-                // before the next `recvmmsg`, which waits if nothing came meanwhile:
-                // fewer sleeps and wake-ups when datagrams arrive one by one.
-                std::thread::yield_now();
-            }
             let n = {
                 let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
                 let mut iovs: [IoSliceMut<'_>; BATCH] =
                     std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                wire.recv_batch(&mut iovs, &mut meta)
+                wire.try_recv_batch(&mut iovs, &mut meta)
             };
             match n {
                 Ok(n) => {
-                    drained = n < BATCH;
+                    yielded = false;
                     for (i, m) in meta.iter().enumerate().take(n) {
                         let buf = &storage[i * MAX_PACKET..][..m.len];
                         for datagram in buf.chunks(m.stride.max(1)) {
@@ -875,19 +913,56 @@ impl Dataplane {
                             }
                         }
                     }
+                    let wrote = !rx.is_empty();
                     rx.flush(&self.tun);
                     self.drops
                         .add_n(DropReason::IoError, std::mem::take(&mut rx.failed));
+                    // The kernel often answers within the write (an echo reply, an
+                    // ACK): while this thread serves the TUN, send that at once.
+                    if wrote && serves_tun && !hand.heavy() {
+                        if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), false) {
+                            hand.after_light_drain(packets);
+                        }
+                    }
+                }
+                // Nothing queued. Once: let the CPU go to whoever is ready (the peer
+                // daemon or the application) and look again, which turns datagrams
+                // arriving one by one into batches; then sleep until the socket, the
+                // TUN (while this thread serves it) or the doorbell has something.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !yielded {
+                        yielded = true;
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    yielded = false;
+                    let light = serves_tun && !hand.heavy();
+                    let mut fds = [
+                        PollFd::new(wire.sock.as_fd(), PollFlags::POLLIN),
+                        PollFd::new(hand.udp_reader.fd(), PollFlags::POLLIN),
+                        PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+                    ];
+                    // Only the site's reader answers the doorbell and serves the TUN.
+                    let used = match (serves_tun, light) {
+                        (false, _) => 1,
+                        (true, false) => 2,
+                        (true, true) => 3,
+                    };
+                    let _ = poll(&mut fds[..used], PollTimeout::NONE);
+                    if serves_tun && fds[1].any().unwrap_or(false) {
+                        hand.udp_reader.clear();
+                    }
+                    if light && fds[2].any().unwrap_or(false) {
+                        if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), true) {
+                            hand.after_light_drain(packets);
+                        }
+                    }
                 }
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused
-                    ) =>
-                {
-                    drained = false;
-                    continue;
-                }
+                    ) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "reading the UDP socket failed; stopping the UDP reader");
                     return;

@@ -1,0 +1,155 @@
+//! Who reads the TUN: the site's UDP reader while traffic is light, the TUN reader
+//! under load.
+//!
+//! With one thread per direction, every round trip through an idle tunnel costs an
+//! extra thread wake-up at each end: the UDP reader writes a packet into the TUN, the
+//! kernel answers within that write (an echo reply, a TCP ACK, the next request), and
+//! the TUN reader has to be woken to send the answer. While traffic is light the UDP
+//! reader therefore polls the TUN too and sends such answers itself; nobody else is
+//! waiting on the TUN, so nobody is woken. Once a drain of the TUN brings a burst
+//! (a TSO super-packet, a stream of datagrams), the TUN reader takes over so both
+//! directions run on their own cores again, and it hands back after the TUN has been
+//! quiet for a while.
+//!
+//! Only the current owner reads the TUN, and it flips the owner itself (light -> heavy
+//! by the UDP reader, heavy -> light by the TUN reader), under the lock of the TUN
+//! path: packets keep their order across a handover.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A drain of at least this many packets moves the TUN to the TUN reader.
+pub const HEAVY_AFTER_PACKETS: usize = 8;
+/// The TUN reader hands the TUN back after this long without a packet...
+pub const LIGHT_AFTER_IDLE_MS: u16 = 50;
+/// ...or after this many drains in a row of at most one packet each.
+pub const LIGHT_AFTER_SMALL_DRAINS: u32 = 64;
+
+/// A wake-up a thread can poll for next to its sockets.
+pub struct Doorbell {
+    ring: UnixStream,
+    bell: UnixStream,
+}
+
+impl Doorbell {
+    pub fn new() -> io::Result<Self> {
+        let (ring, bell) = UnixStream::pair()?;
+        ring.set_nonblocking(true)?;
+        bell.set_nonblocking(true)?;
+        Ok(Self { ring, bell })
+    }
+
+    /// Wake whoever polls [`fd`](Self::fd). A full buffer means a wake-up is pending.
+    pub fn ring(&self) {
+        let _ = (&self.ring).write(&[1]);
+    }
+
+    /// The descriptor to poll for readability.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.bell.as_fd()
+    }
+
+    /// Take the pending wake-ups.
+    pub fn clear(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.bell).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// The owner of the TUN and the doorbells of both threads.
+pub struct Handover {
+    heavy: AtomicBool,
+    /// The TUN reader's doorbell: the TUN is its now.
+    pub tun_reader: Doorbell,
+    /// The UDP reader's doorbell: the TUN is its again.
+    pub udp_reader: Doorbell,
+    /// False when the TUN cannot be read without blocking: then it stays with the TUN
+    /// reader.
+    enabled: bool,
+}
+
+impl Handover {
+    pub fn new(enabled: bool) -> io::Result<Self> {
+        Ok(Self {
+            heavy: AtomicBool::new(!enabled),
+            tun_reader: Doorbell::new()?,
+            udp_reader: Doorbell::new()?,
+            enabled,
+        })
+    }
+
+    /// The TUN reader owns the TUN.
+    pub fn heavy(&self) -> bool {
+        self.heavy.load(Ordering::Acquire)
+    }
+
+    /// Called by the UDP reader after a drain of `packets`.
+    pub fn after_light_drain(&self, packets: usize) {
+        if packets >= HEAVY_AFTER_PACKETS {
+            self.heavy.store(true, Ordering::Release);
+            self.tun_reader.ring();
+        }
+    }
+
+    /// Called by the TUN reader when the TUN went quiet.
+    pub fn to_light(&self) {
+        if self.enabled {
+            self.heavy.store(false, Ordering::Release);
+            self.udp_reader.ring();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rung(d: &Doorbell) -> bool {
+        let mut fds = [nix::poll::PollFd::new(d.fd(), nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() == 1
+    }
+
+    #[test]
+    fn the_tun_moves_on_a_burst_and_back_when_quiet() {
+        let h = Handover::new(true).unwrap();
+        assert!(!h.heavy(), "starts with the UDP reader");
+        h.after_light_drain(HEAVY_AFTER_PACKETS - 1);
+        assert!(
+            !h.heavy() && !rung(&h.tun_reader),
+            "small drains stay light"
+        );
+        h.after_light_drain(HEAVY_AFTER_PACKETS);
+        assert!(
+            h.heavy() && rung(&h.tun_reader),
+            "a burst wakes the TUN reader"
+        );
+        h.tun_reader.clear();
+        assert!(!rung(&h.tun_reader), "cleared");
+        h.to_light();
+        assert!(
+            !h.heavy() && rung(&h.udp_reader),
+            "handed back, UDP reader woken"
+        );
+    }
+
+    #[test]
+    fn a_blocking_tun_stays_with_the_tun_reader() {
+        let h = Handover::new(false).unwrap();
+        assert!(h.heavy());
+        h.to_light();
+        assert!(h.heavy() && !rung(&h.udp_reader));
+    }
+
+    #[test]
+    fn many_rings_do_not_block_and_one_clear_takes_them() {
+        let d = Doorbell::new().unwrap();
+        for _ in 0..100_000 {
+            d.ring();
+        }
+        assert!(rung(&d));
+        d.clear();
+        assert!(!rung(&d));
+    }
+}
