@@ -1,6 +1,6 @@
 //! The packet path: TUN device, the site's UDP socket, routing and the tunnels.
 //!
-//! Two threads move packets with blocking syscalls (TUN -> UDP and UDP -> TUN); a
+//! Two threads move packets (TUN -> UDP and UDP -> TUN), sleeping in `poll`; a
 //! timer task drives handshakes and keepalives. Tunnel state is shared through an
 //! [`ArcSwap`]ed table that is rebuilt whole when the configuration changes, so the
 //! packet threads never wait on a table lock. Each direction works in batches: the TUN
@@ -10,6 +10,10 @@
 //! decrypted packets with GRO coalescing back into the TUN. Per packet,
 //! [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`] do the work and
 //! only queue into the thread's [`batch::TxBatch`] / [`batch::TunBatch`].
+//!
+//! While traffic is light the UDP reader also serves the TUN, so a round trip through
+//! an idle tunnel wakes one thread less; the TUN reader takes the TUN over after a
+//! burst ([`handover`]).
 
 pub mod batch;
 pub mod esp;
