@@ -351,13 +351,7 @@ impl Vault {
     /// The published public key at `path`; None if nothing is published there.
     /// (A read of the data path only: the policy grants no metadata access there.)
     pub async fn read_published_opt(&self, path: &str) -> Result<Option<Published>> {
-        let r = vaultrs::kv2::read::<HashMap<String, serde_json::Value>>(
-            &self.client,
-            &self.mount,
-            path,
-        )
-        .await;
-        self.record("read", &r);
+        let r = self.read_data(path).await;
         match r {
             Ok(data) => published_from(path, &data).map(Some),
             Err(ClientError::APIError { code: 404, .. }) => Ok(None),
@@ -481,6 +475,16 @@ impl Vault {
         }
     }
 
+    /// The fields of the KV v2 secret at `path`, the outcome recorded.
+    async fn read_data(
+        &self,
+        path: &str,
+    ) -> Result<HashMap<String, serde_json::Value>, ClientError> {
+        let r = vaultrs::kv2::read(&self.client, &self.mount, path).await;
+        self.record("read", &r);
+        r
+    }
+
     fn record<T>(&self, op: &'static str, r: &Result<T, ClientError>) {
         let class = match r {
             Ok(_) => "ok",
@@ -495,13 +499,7 @@ impl Vault {
     /// Reads `field` (or `key`) of the KV v2 secret at `path` and decodes it as a
     /// 32-byte base64 key.
     pub async fn read_key(&self, path: &str, field: &str) -> Result<Zeroizing<[u8; 32]>> {
-        let r = vaultrs::kv2::read::<HashMap<String, serde_json::Value>>(
-            &self.client,
-            &self.mount,
-            path,
-        )
-        .await;
-        self.record("read", &r);
+        let r = self.read_data(path).await;
         let where_ = format!(
             "vault:{path} (Vault at {}, mount {})",
             self.address, self.mount

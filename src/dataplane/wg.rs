@@ -138,6 +138,24 @@ impl Live {
         Some(&mut self.sessions[i])
     }
 
+    /// Make room for a new session: drop the oldest if every slot is taken, retire the
+    /// rest (they stay until the new one carries traffic) and return a free slot.
+    fn free_slot(&mut self) -> u32 {
+        if self.sessions.len() as u32 >= SESSION_SLOTS {
+            // The oldest was replaced long ago.
+            self.sessions.remove(0);
+        }
+        let used: Vec<u32> = self.sessions.iter().map(|s| s.slot).collect();
+        let slot = (0..SESSION_SLOTS)
+            .find(|s| !used.contains(s))
+            .unwrap_or_default();
+        let now = Instant::now();
+        for s in &mut self.sessions {
+            s.retired_at.get_or_insert(now);
+        }
+        slot
+    }
+
     fn sending_ref(&self) -> Option<&Session> {
         let i = self
             .sessions
@@ -725,19 +743,7 @@ impl WgTunnel {
         out: &mut [u8],
     ) {
         let mut live = lock(&self.live);
-        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
-        if used.len() as u32 >= SESSION_SLOTS {
-            // Drop the oldest to make room (it was replaced long ago).
-            live.sessions.remove(0);
-        }
-        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
-        let slot = (0..SESSION_SLOTS)
-            .find(|s| !used.contains(s))
-            .unwrap_or_default();
-        let now = Instant::now();
-        for s in &mut live.sessions {
-            s.retired_at.get_or_insert(now);
-        }
+        let slot = live.free_slot();
         let keys = lock(&self.keys);
         let session = new_session(
             &keys,
@@ -840,17 +846,7 @@ impl WgTunnel {
         {
             return false;
         }
-        if live.sessions.len() as u32 >= SESSION_SLOTS {
-            live.sessions.remove(0);
-        }
-        let used: Vec<u32> = live.sessions.iter().map(|s| s.slot).collect();
-        let slot = (0..SESSION_SLOTS)
-            .find(|s| !used.contains(s))
-            .unwrap_or_default();
-        let now = Instant::now();
-        for s in &mut live.sessions {
-            s.retired_at.get_or_insert(now);
-        }
+        let slot = live.free_slot();
         live.sessions.push(new_session(
             &k,
             self.index,

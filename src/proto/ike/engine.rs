@@ -596,6 +596,36 @@ struct NewChild<'a> {
     rekey_of: Option<ChildId>,
 }
 
+impl<'a> NewChild<'a> {
+    /// The CHILD SA IKE_AUTH creates along with the IKE SA: keyed from SK_d and the
+    /// IKE_SA_INIT nonces, without a Diffie-Hellman exchange of its own (§2.17).
+    fn with_ike_sa(
+        sa: &'a IkeSa,
+        initiator: bool,
+        spi_in: u32,
+        spi_out: u32,
+        aead: AeadAlg,
+        local_ts: Vec<TrafficSelector>,
+        remote_ts: Vec<TrafficSelector>,
+    ) -> Self {
+        let keys = sa.keys.as_ref().expect("an authenticated IKE SA has keys");
+        Self {
+            ike: sa.our_spi(),
+            sk_d: &keys.sk_d,
+            shared: &[],
+            ni: &sa.ni,
+            nr: &sa.nr,
+            initiator,
+            spi_in,
+            spi_out,
+            aead,
+            local_ts,
+            remote_ts,
+            rekey_of: None,
+        }
+    }
+}
+
 struct Child {
     info: ChildInfo,
     /// Our SPI of the IKE SA it belongs to (follows IKE rekeys).
@@ -2173,25 +2203,16 @@ impl Endpoint {
             });
             return true;
         }
-        let keys = sa.keys.as_ref().expect("keys exist");
-        let child = self.make_child(
-            peer,
-            NewChild {
-                ike: sa.our_spi(),
-                sk_d: &keys.sk_d.clone(),
-                shared: &[],
-                ni: &sa.ni.clone(),
-                nr: &sa.nr.clone(),
-                initiator: true,
-                spi_in,
-                spi_out,
-                aead,
-                local_ts: ts_i.to_vec(),
-                remote_ts: ts_r.to_vec(),
-                rekey_of: None,
-            },
-            now,
+        let first = NewChild::with_ike_sa(
+            sa,
+            true,
+            spi_in,
+            spi_out,
+            aead,
+            ts_i.to_vec(),
+            ts_r.to_vec(),
         );
+        let child = self.make_child(peer, first, now);
         self.event(Event::ChildUp { peer, child });
         true
     }
@@ -2815,25 +2836,9 @@ impl Endpoint {
             return true;
         }
         if let Some((aead, spi_in, spi_out, local_ts, remote_ts)) = child {
-            let keys = sa.keys.as_ref().expect("keys");
-            let info = self.make_child(
-                peer,
-                NewChild {
-                    ike: sa.our_spi(),
-                    sk_d: &keys.sk_d.clone(),
-                    shared: &[],
-                    ni: &sa.ni.clone(),
-                    nr: &sa.nr.clone(),
-                    initiator: false,
-                    spi_in,
-                    spi_out,
-                    aead,
-                    local_ts,
-                    remote_ts,
-                    rekey_of: None,
-                },
-                now,
-            );
+            let first =
+                NewChild::with_ike_sa(sa, false, spi_in, spi_out, aead, local_ts, remote_ts);
+            let info = self.make_child(peer, first, now);
             self.event(Event::ChildUp { peer, child: info });
         }
         true
