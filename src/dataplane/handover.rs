@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// A drain of at least this many packets moves the TUN to the TUN reader.
 pub const HEAVY_AFTER_PACKETS: usize = 8;
@@ -26,6 +27,38 @@ pub const HEAVY_AFTER_PACKETS: usize = 8;
 pub const LIGHT_AFTER_IDLE_MS: u16 = 50;
 /// ...or after this many drains in a row of at most one packet each.
 pub const LIGHT_AFTER_SMALL_DRAINS: u32 = 64;
+
+/// Packets closer together than this make a stream (see [`Pace`]).
+pub const STREAM_GAP: Duration = Duration::from_micros(200);
+
+/// Whether packets arrive as a stream or one at a time.
+///
+/// Before going to sleep a thread that has just found its socket or TUN empty may
+/// yield the CPU once and look again: under a stream that turns a wake-up per packet
+/// into batches, because the sender gets to queue more. For a lone packet (a ping, a
+/// DNS query, a keepalive) it only adds system calls and context switches to the
+/// round trip, so a thread yields only while the packets it takes come less than
+/// [`STREAM_GAP`] apart.
+#[derive(Debug, Default)]
+pub struct Pace {
+    last: Option<Instant>,
+    streaming: bool,
+}
+
+impl Pace {
+    /// Something arrived at `now`.
+    pub fn arrived(&mut self, now: Instant) {
+        self.streaming = self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < STREAM_GAP);
+        self.last = Some(now);
+    }
+
+    /// The last two arrivals were part of a stream.
+    pub fn streaming(&self) -> bool {
+        self.streaming
+    }
+}
 
 /// A wake-up a thread can poll for next to its sockets.
 pub struct Doorbell {
@@ -132,6 +165,21 @@ mod tests {
             !h.heavy() && rung(&h.udp_reader),
             "handed back, UDP reader woken"
         );
+    }
+
+    #[test]
+    fn only_close_arrivals_are_a_stream() {
+        let t0 = Instant::now();
+        let mut pace = Pace::default();
+        assert!(!pace.streaming(), "nothing yet");
+        pace.arrived(t0);
+        assert!(!pace.streaming(), "one packet is no stream");
+        pace.arrived(t0 + STREAM_GAP / 4);
+        assert!(pace.streaming(), "two close together are");
+        pace.arrived(t0 + STREAM_GAP / 4 + Duration::from_millis(10));
+        assert!(!pace.streaming(), "a ping every 10 ms is not");
+        pace.arrived(t0 + STREAM_GAP / 4 + Duration::from_millis(10) + STREAM_GAP / 2);
+        assert!(pace.streaming(), "and a new burst is again");
     }
 
     #[test]

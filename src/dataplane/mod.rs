@@ -374,6 +374,8 @@ struct TunPath {
     esp_tx: TxBatch,
     /// Reads return `WouldBlock` when the TUN is empty (else they block).
     nonblocking: bool,
+    /// How packets come out of the TUN, whichever thread reads it.
+    pace: handover::Pace,
 }
 
 impl TunPath {
@@ -394,6 +396,7 @@ impl TunPath {
             // single packets (UDP, ACKs) leave in batches too; `poll` waits when it is
             // empty.
             nonblocking: tun.set_nonblocking(true).is_ok(),
+            pace: handover::Pace::default(),
         }
     }
 }
@@ -790,7 +793,7 @@ impl Dataplane {
     /// Read the TUN, encrypt and send until it has nothing more; everything read has
     /// left when this returns. Without a non-blocking TUN every read blocks: then one
     /// read per call. With `patient`, an empty TUN gets one more look after a yield of
-    /// the CPU (see below). Returns the packets read.
+    /// the CPU while packets come as a stream (see below). Returns the packets read.
     fn drain_tun(&self, path: &mut TunPath, patient: bool) -> io::Result<usize> {
         let TunPath {
             raw,
@@ -800,6 +803,7 @@ impl Dataplane {
             tx,
             esp_tx,
             nonblocking,
+            pace,
         } = path;
         let mut pending = 0;
         let mut total = 0;
@@ -808,6 +812,10 @@ impl Dataplane {
         loop {
             match self.tun.recv_multiple(raw, bufs, sizes, 0) {
                 Ok(n) => {
+                    if total == 0 {
+                        pace.arrived(Instant::now());
+                        yielded |= !pace.streaming();
+                    }
                     for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
                         self.handle_tun_packet(&buf[..len], out, tx, esp_tx);
                     }
@@ -821,10 +829,10 @@ impl Dataplane {
                         pending = 0;
                     }
                 }
-                // Empty: send what we have, then give the CPU to whoever is ready to
-                // run (often the sender feeding the TUN) and look once more before
-                // sleeping. Under a stream of single packets (UDP) this turns a sleep
-                // and wake-up per packet into batches; a yield costs well under a µs.
+                // Empty: send what we have, then, under a stream, give the CPU to
+                // whoever is ready to run (often the sender feeding the TUN) and look
+                // once more before sleeping. Under a stream of single packets (UDP)
+                // this turns a sleep and wake-up per packet into batches.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if yielded {
                         break;
@@ -895,6 +903,7 @@ impl Dataplane {
         let mut out = vec![0u8; MAX_PACKET];
         let mut rx = TunBatch::new();
         let mut yielded = false;
+        let mut pace = handover::Pace::default();
         loop {
             let n = {
                 let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
@@ -905,6 +914,7 @@ impl Dataplane {
             match n {
                 Ok(n) => {
                     yielded = false;
+                    pace.arrived(Instant::now());
                     for (i, m) in meta.iter().enumerate().take(n) {
                         let buf = &storage[i * MAX_PACKET..][..m.len];
                         for datagram in buf.chunks(m.stride.max(1)) {
@@ -929,12 +939,13 @@ impl Dataplane {
                         }
                     }
                 }
-                // Nothing queued. Once: let the CPU go to whoever is ready (the peer
-                // daemon or the application) and look again, which turns datagrams
-                // arriving one by one into batches; then sleep until the socket, the
-                // TUN (while this thread serves it) or the doorbell has something.
+                // Nothing queued. Under a stream, once: let the CPU go to whoever is
+                // ready (the peer daemon or the application) and look again, which
+                // turns datagrams arriving one by one into batches; then sleep until
+                // the socket, the TUN (while this thread serves it) or the doorbell
+                // has something.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !yielded {
+                    if !yielded && pace.streaming() {
                         yielded = true;
                         std::thread::yield_now();
                         continue;
