@@ -138,7 +138,21 @@ impl TunBatch {
         }
         let n = self.len;
         self.len = 0;
-        if let Err(e) = tun.send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN) {
+        let sent = if n == 1 {
+            // A lone packet (a ping, an ACK, a DNS answer) has nothing to coalesce
+            // with: write it as it is, behind the all-zero virtio-net header (no
+            // offload asked) when the device takes one, and skip the GRO table.
+            let b = &self.bufs[0];
+            let frame = if tun.tcp_gso() {
+                &b[..]
+            } else {
+                &b[VIRTIO_NET_HDR_LEN..]
+            };
+            tun.send(frame)
+        } else {
+            tun.send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
+        };
+        if let Err(e) = sent {
             // Part of the batch may have gone out; count the whole batch conservatively
             // unless the device is gone.
             if e.kind() != io::ErrorKind::Interrupted {

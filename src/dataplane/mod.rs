@@ -888,7 +888,6 @@ impl Dataplane {
     /// train of up to 64 datagrams; decrypted packets go to the TUN once per batch.
     /// The site's reader also serves the TUN while traffic is light (see [`handover`]).
     fn udp_reader(&self, via: Via) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         const BATCH: usize = quinn_udp::BATCH_SIZE;
         let wire = match (via, &self.ipsec) {
             (VIA_IKE, Some(w)) => &w.ike,
@@ -904,7 +903,14 @@ impl Dataplane {
         let mut rx = TunBatch::new();
         let mut yielded = false;
         let mut pace = handover::Pace::default();
+        // The socket may hold datagrams: false once a receive has shown it empty, and
+        // until `poll` says otherwise.
+        let mut readable = true;
         loop {
+            if !readable {
+                readable = self.wait_for_work(wire, serves_tun);
+                continue;
+            }
             let n = {
                 let mut chunks = storage.chunks_exact_mut(MAX_PACKET);
                 let mut iovs: [IoSliceMut<'_>; BATCH] =
@@ -938,12 +944,14 @@ impl Dataplane {
                             hand.after_light_drain(packets);
                         }
                     }
+                    // Fewer than a full batch: the socket was empty when the kernel
+                    // filled it. Outside a stream go straight to `poll` (which returns at
+                    // once if more has come) instead of a receive that finds nothing.
+                    readable = n == BATCH || pace.streaming();
                 }
                 // Nothing queued. Under a stream, once: let the CPU go to whoever is
                 // ready (the peer daemon or the application) and look again, which
-                // turns datagrams arriving one by one into batches; then sleep until
-                // the socket, the TUN (while this thread serves it) or the doorbell
-                // has something.
+                // turns datagrams arriving one by one into batches; then wait.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !yielded && pace.streaming() {
                         yielded = true;
@@ -951,27 +959,7 @@ impl Dataplane {
                         continue;
                     }
                     yielded = false;
-                    let light = serves_tun && !hand.heavy();
-                    let mut fds = [
-                        PollFd::new(wire.sock.as_fd(), PollFlags::POLLIN),
-                        PollFd::new(hand.udp_reader.fd(), PollFlags::POLLIN),
-                        PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
-                    ];
-                    // Only the site's reader answers the doorbell and serves the TUN.
-                    let used = match (serves_tun, light) {
-                        (false, _) => 1,
-                        (true, false) => 2,
-                        (true, true) => 3,
-                    };
-                    let _ = poll(&mut fds[..used], PollTimeout::NONE);
-                    if serves_tun && fds[1].any().unwrap_or(false) {
-                        hand.udp_reader.clear();
-                    }
-                    if light && fds[2].any().unwrap_or(false) {
-                        if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), true) {
-                            hand.after_light_drain(packets);
-                        }
-                    }
+                    readable = false;
                 }
                 Err(e)
                     if matches!(
@@ -984,6 +972,40 @@ impl Dataplane {
                 }
             }
         }
+    }
+
+    /// Sleep until the socket, the TUN (while this thread serves it) or the doorbell
+    /// has something; serve the TUN and the doorbell here. Returns whether the socket
+    /// is readable.
+    fn wait_for_work(&self, wire: &Wire, serves_tun: bool) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let hand = &self.handover;
+        let light = serves_tun && !hand.heavy();
+        let mut fds = [
+            PollFd::new(wire.sock.as_fd(), PollFlags::POLLIN),
+            PollFd::new(hand.udp_reader.fd(), PollFlags::POLLIN),
+            PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
+        ];
+        // Only the site's reader answers the doorbell and serves the TUN.
+        let used = match (serves_tun, light) {
+            (false, _) => 1,
+            (true, false) => 2,
+            (true, true) => 3,
+        };
+        if poll(&mut fds[..used], PollTimeout::NONE).is_err() {
+            // EINTR: look at the socket again.
+            return true;
+        }
+        let revents = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
+        if serves_tun && revents(&fds[1]) {
+            hand.udp_reader.clear();
+        }
+        if light && revents(&fds[2]) {
+            if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), true) {
+                hand.after_light_drain(packets);
+            }
+        }
+        revents(&fds[0])
     }
 }
 
