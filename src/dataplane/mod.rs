@@ -25,7 +25,7 @@ pub mod wg;
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -237,6 +237,14 @@ pub const NATT_PORT: u16 = 4500;
 enum Route {
     Wg(usize),
     Esp(usize),
+}
+
+/// The tunnel table and the last destination looked up in it, for one drain of the
+/// TUN: its packets (a TSO super-packet's segments, a UDP stream) mostly share one
+/// destination, so they share one longest-prefix match and one load of the table.
+pub struct RouteCache {
+    table: Arc<TunnelTable>,
+    last: Option<(IpAddr, Option<Route>)>,
 }
 
 /// All tunnels of a site, indexed for both directions.
@@ -559,6 +567,7 @@ impl Dataplane {
     /// the site's port) or `esp_tx` (ESP, to the NAT-T port).
     pub fn handle_tun_packet(
         &self,
+        routes: &mut RouteCache,
         packet: &[u8],
         out: &mut [u8],
         tx: &mut TxBatch,
@@ -568,14 +577,30 @@ impl Dataplane {
             self.drops.add(DropReason::Malformed);
             return;
         };
-        let table = self.tunnels.load();
-        match table.router.lookup(dst) {
-            Some(&Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out, tx),
-            Some(&Route::Esp(i)) => match &self.ipsec {
+        let table = &routes.table;
+        let route = match routes.last {
+            Some((last, route)) if last == dst => route,
+            _ => {
+                let route = table.router.lookup(dst).copied();
+                routes.last = Some((dst, route));
+                route
+            }
+        };
+        match route {
+            Some(Route::Wg(i)) => table.list[i].encapsulate(&self.wire, packet, out, tx),
+            Some(Route::Esp(i)) => match &self.ipsec {
                 Some(w) => table.esp[i].encapsulate(&w.natt, packet, out, esp_tx),
                 None => self.drops.add(DropReason::NoRoute),
             },
             None => self.drops.add(DropReason::NoRoute),
+        }
+    }
+
+    /// The tunnel table as it is now, for the packets of one drain of the TUN.
+    pub fn routes(&self) -> RouteCache {
+        RouteCache {
+            table: self.tunnels.load_full(),
+            last: None,
         }
     }
 
@@ -807,6 +832,7 @@ impl Dataplane {
         } = path;
         let mut pending = 0;
         let mut total = 0;
+        let mut routes = self.routes();
         let mut result = Ok(());
         let mut yielded = !patient;
         loop {
@@ -817,7 +843,7 @@ impl Dataplane {
                         yielded |= !pace.streaming();
                     }
                     for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
-                        self.handle_tun_packet(&buf[..len], out, tx, esp_tx);
+                        self.handle_tun_packet(&mut routes, &buf[..len], out, tx, esp_tx);
                     }
                     pending += n;
                     total += n;
@@ -827,6 +853,8 @@ impl Dataplane {
                     if pending >= TUN_DRAIN_MAX {
                         self.flush_tx(tx, esp_tx);
                         pending = 0;
+                        // A long drain still sees a new configuration soon.
+                        routes = self.routes();
                     }
                 }
                 // Empty: send what we have, then, under a stream, give the CPU to
