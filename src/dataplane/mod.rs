@@ -832,7 +832,8 @@ impl Dataplane {
         } = path;
         let mut pending = 0;
         let mut total = 0;
-        let mut routes = self.routes();
+        // Loaded at the first packet, not before a read that may block.
+        let mut routes = None;
         let mut result = Ok(());
         let mut yielded = !patient;
         loop {
@@ -842,8 +843,9 @@ impl Dataplane {
                         pace.arrived(Instant::now());
                         yielded |= !pace.streaming();
                     }
+                    let routes = routes.get_or_insert_with(|| self.routes());
                     for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
-                        self.handle_tun_packet(&mut routes, &buf[..len], out, tx, esp_tx);
+                        self.handle_tun_packet(routes, &buf[..len], out, tx, esp_tx);
                     }
                     pending += n;
                     total += n;
@@ -854,7 +856,7 @@ impl Dataplane {
                         self.flush_tx(tx, esp_tx);
                         pending = 0;
                         // A long drain still sees a new configuration soon.
-                        routes = self.routes();
+                        *routes = self.routes();
                     }
                 }
                 // Empty: send what we have, then, under a stream, give the CPU to
