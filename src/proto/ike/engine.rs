@@ -730,6 +730,13 @@ fn child_proposals(aeads: &[AeadAlg], spi: u32, pfs: bool) -> Vec<Proposal> {
 /// The AEAD of an IKE proposal we can accept (PRF SHA2-256, DH X25519, no INTEG), and
 /// whether it runs the ML-KEM-768 additional key exchange (only if `pq_ok`; an ADDKE1
 /// that offers nothing else we support, and no NONE, rejects the proposal).
+/// The SPI of an IKE SA proposal (rekeying, RFC 7296 §3.3.1): exactly 8 bytes.
+fn ike_spi(p: &Proposal) -> Option<u64> {
+    <[u8; 8]>::try_from(p.spi.as_slice())
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
 fn accept_ike_proposal(p: &Proposal, allowed: &[AeadAlg], pq_ok: bool) -> Option<(AeadAlg, bool)> {
     if p.protocol != ids::PROTO_IKE {
         return None;
@@ -2526,8 +2533,9 @@ impl Endpoint {
             return true;
         }
         let prop = sa_of(inner).filter(|ps| ps.len() == 1).map(|ps| &ps[0]);
-        let Some(prop) = prop
-            .filter(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead], false).is_some())
+        let Some(new_spi_r) = prop
+            .filter(|p| accept_ike_proposal(p, &[sa.aead], false).is_some())
+            .and_then(ike_spi)
         else {
             self.event(Event::Failed {
                 peer: Some(peer),
@@ -2535,7 +2543,6 @@ impl Endpoint {
             });
             return true;
         };
-        let new_spi_r = u64::from_be_bytes(prop.spi[..8].try_into().expect("length checked"));
         let (Some(nr), Some(shared)) = (
             nonce_of(inner),
             ke_of(inner)
@@ -3010,14 +3017,14 @@ impl Endpoint {
             self.respond(sa, header, from, &[status(notify::TEMPORARY_FAILURE)]);
             return;
         }
-        let chosen = props
-            .iter()
-            .find(|p| p.spi.len() == 8 && accept_ike_proposal(p, &[sa.aead], false).is_some());
-        let Some(prop) = chosen else {
+        let chosen = props.iter().find_map(|p| {
+            let spi = ike_spi(p)?;
+            accept_ike_proposal(p, &[sa.aead], false).map(|_| (p, spi))
+        });
+        let Some((prop, new_spi_i)) = chosen else {
             self.respond(sa, header, from, &[status(notify::NO_PROPOSAL_CHOSEN)]);
             return;
         };
-        let new_spi_i = u64::from_be_bytes(prop.spi[..8].try_into().expect("length checked"));
         let Some((ids::DH_CURVE25519, theirs)) = ke_of(inner) else {
             self.respond(sa, header, from, &[invalid_ke(ids::DH_CURVE25519)]);
             return;
