@@ -87,9 +87,7 @@ impl Wire {
                 (s, false)
             }
         };
-        // Bursts from a fast peer must not overflow the default ~200 KiB buffers.
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
+        size_buffers(&sock);
         sock.set_nonblocking(true)?;
         let sock: UdpSocket = sock.into();
         // Turns on UDP GRO and reads the kernel's GSO limit.
@@ -195,6 +193,24 @@ impl Wire {
 /// `UdpSocketState::new` sets DF on every datagram (`IP_PMTUDISC_PROBE`). Restore the
 /// kernel default, as other WireGuard implementations leave it: a datagram larger than
 /// the path MTU is fragmented rather than dropped.
+/// Bytes asked for each of the site socket's receive and send buffers (the kernel
+/// doubles them for its bookkeeping).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Size the socket's buffers so bursts from a fast peer, or a reader that waited for a
+/// CPU, do not overflow the default ~200 KiB. With CAP_NET_ADMIN (the daemon has it for
+/// the TUN) the `FORCE` options go past `net.core.rmem_max`/`wmem_max`, which are only
+/// 208 KiB on a stock host; without it the request is capped there.
+fn size_buffers(sock: &socket2::Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(sock, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    }
+}
+
 fn allow_fragmentation(sock: &UdpSocket, v6: bool) {
     use std::os::fd::AsRawFd;
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
@@ -1049,5 +1065,36 @@ pub fn fresh_index(used: &mut std::collections::HashSet<u32>) -> u32 {
         if idx != 0 && used.insert(idx) {
             return idx;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn site_socket_buffers_are_not_capped_by_the_host_maximum_when_privileged() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let wire = Wire::bind(0).unwrap();
+        let rcv = getsockopt(&wire.sock, sockopt::RcvBuf).unwrap();
+        let snd = getsockopt(&wire.sock, sockopt::SndBuf).unwrap();
+        // The kernel reports twice the size asked for.
+        let (want_rcv, want_snd) = if nix::unistd::geteuid().is_root() {
+            (2 * SOCKET_BUFFER, 2 * SOCKET_BUFFER)
+        } else {
+            (
+                2 * SOCKET_BUFFER.min(sysctl("rmem_max")),
+                2 * SOCKET_BUFFER.min(sysctl("wmem_max")),
+            )
+        };
+        assert_eq!((rcv, snd), (want_rcv, want_snd));
     }
 }
