@@ -108,8 +108,8 @@ fn selectors(nets: &[IpNet]) -> Vec<TrafficSelector> {
     if nets.is_empty() {
         // "any local source", as for plain WireGuard tunnels.
         return vec![
-            ts_from_subnet("0.0.0.0/0".parse().expect("valid")),
-            ts_from_subnet("::/0".parse().expect("valid")),
+            ts_from_subnet(IpNet::V4(ipnet::Ipv4Net::default())),
+            ts_from_subnet(IpNet::V6(ipnet::Ipv6Net::default())),
         ];
     }
     nets.iter().map(|n| ts_from_subnet(*n)).collect()

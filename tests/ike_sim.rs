@@ -936,6 +936,61 @@ fn garbage_never_panics_and_is_counted() {
     assert_children_agree(&sim);
 }
 
+/// Until IKE_SA_INIT is answered the initiator's SA has no keys. Messages that name it
+/// (IKE_AUTH, CREATE_CHILD_SA, INFORMATIONAL; requests and responses; any message ID)
+/// are each dropped and counted, never a panic, and the real exchange completes after.
+#[test]
+fn messages_for_a_half_open_sa_are_dropped_and_counted() {
+    let mut sim = Sim::new(13, Link::clean(), fast_timers());
+    sim.sides[A].ep.initiate(0, sim.now, &mut sim.rng);
+    // Take A's IKE_SA_INIT off the wire: B answers only its retransmission, later.
+    let init = sim.sides[A]
+        .ep
+        .poll_transmit()
+        .expect("initiate sends IKE_SA_INIT");
+    assert_eq!(init.data[18], 34);
+    let spi_i = u64::from_be_bytes(init.data[..8].try_into().unwrap());
+    let from = sim.sides[B].addr;
+    let mut rng = SimRng(7);
+    const N: u32 = 3000;
+    for n in 0..N {
+        let mut buf = vec![0u8; 28 + (rng.next() % 200) as usize];
+        rng.fill(&mut buf);
+        buf[..8].copy_from_slice(&spi_i.to_be_bytes());
+        buf[15] |= 1; // some responder SPI
+        buf[16] = 46; // SK
+        buf[17] = 0x20;
+        buf[18] = [35, 36, 37][n as usize % 3];
+        buf[19] = if n % 2 == 0 { 0x20 } else { 0 }; // response / request, from the responder
+        buf[20..24].copy_from_slice(&(n % 4).to_be_bytes());
+        let len = buf.len() as u32;
+        buf[24..28].copy_from_slice(&len.to_be_bytes());
+        let now = sim.now;
+        sim.sides[A]
+            .ep
+            .handle_datagram(now, from, &buf, &mut sim.rng);
+    }
+    let before = sim.sent.len();
+    sim.drain();
+    let dropped = sim
+        .events(A)
+        .filter(|e| matches!(e, Event::Dropped { .. }))
+        .count();
+    assert_eq!(dropped, N as usize);
+    assert_eq!(
+        sim.sent
+            .iter()
+            .skip(before)
+            .filter(|&&(s, ..)| s == A)
+            .count(),
+        0,
+        "A answers none of them"
+    );
+    sim.run_until(Duration::from_secs(3));
+    assert!(sim.sides[A].ep.is_established(0) && sim.sides[B].ep.is_established(0));
+    assert_children_agree(&sim);
+}
+
 /// IPsec: the initiator starts on port 500 and floats to 4500 after IKE_SA_INIT; the
 /// responder answers on the path each request came in on; both sides end up with ESP keys
 /// that mirror each other.

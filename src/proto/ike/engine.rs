@@ -530,28 +530,16 @@ impl IkeSa {
         f
     }
 
-    fn send_key(&self) -> &[u8] {
-        let k = self
-            .keys
-            .as_ref()
-            .expect("keys exist once IKE_SA_INIT is done");
-        if self.initiator {
-            &k.sk_ei
-        } else {
-            &k.sk_er
-        }
+    /// The key that protects what we send; `None` until IKE_SA_INIT has derived keys.
+    fn send_key(&self) -> Option<&[u8]> {
+        let k = self.keys.as_ref()?;
+        Some(if self.initiator { &k.sk_ei } else { &k.sk_er })
     }
 
-    fn recv_key(&self) -> &[u8] {
-        let k = self
-            .keys
-            .as_ref()
-            .expect("keys exist once IKE_SA_INIT is done");
-        if self.initiator {
-            &k.sk_er
-        } else {
-            &k.sk_ei
-        }
+    /// The key that protects what the peer sends; `None` until IKE_SA_INIT is done.
+    fn recv_key(&self) -> Option<&[u8]> {
+        let k = self.keys.as_ref()?;
+        Some(if self.initiator { &k.sk_er } else { &k.sk_ei })
     }
 
     fn seal(
@@ -560,7 +548,7 @@ impl IkeSa {
         id: u32,
         response: bool,
         inner: &[Payload],
-    ) -> Vec<u8> {
+    ) -> Option<Vec<u8>> {
         let header = Header {
             spi_i: self.spi_i,
             spi_r: self.spi_r,
@@ -571,8 +559,10 @@ impl IkeSa {
             message_id: id,
             length: 0,
         };
+        self.send_key()?;
         self.iv += 1;
-        crypto::seal_message(self.aead, self.send_key(), self.iv, header, inner)
+        let key = self.send_key()?;
+        Some(crypto::seal_message(self.aead, key, self.iv, header, inner))
     }
 }
 
@@ -607,9 +597,9 @@ impl<'a> NewChild<'a> {
         aead: AeadAlg,
         local_ts: Vec<TrafficSelector>,
         remote_ts: Vec<TrafficSelector>,
-    ) -> Self {
-        let keys = sa.keys.as_ref().expect("an authenticated IKE SA has keys");
-        Self {
+    ) -> Option<Self> {
+        let keys = sa.keys.as_ref()?;
+        Some(Self {
             ike: sa.our_spi(),
             sk_d: &keys.sk_d,
             shared: &[],
@@ -622,7 +612,7 @@ impl<'a> NewChild<'a> {
             local_ts,
             remote_ts,
             rekey_of: None,
-        }
+        })
     }
 }
 
@@ -1052,6 +1042,18 @@ impl Endpoint {
         t
     }
 
+    /// An SA lacks what its stage guarantees (keys after IKE_SA_INIT, an initiator's
+    /// peer or DH secret). No message can cause that, only a bug in this engine: debug
+    /// builds stop here, a release daemon drops the message and keeps running.
+    fn broken_sa(&mut self, what: &'static str) {
+        if cfg!(debug_assertions) {
+            panic!("IKE SA state: {what}");
+        }
+        self.event(Event::Dropped {
+            reason: "broken_sa",
+        });
+    }
+
     fn event(&mut self, e: Event) {
         self.events.push_back(e);
     }
@@ -1090,16 +1092,20 @@ impl Endpoint {
             )
         };
         sa.via = self.peers[peer].cfg.via;
-        let bytes = self.build_init_request(&mut sa);
+        let Some(bytes) = self.build_init_request(&sa, peer) else {
+            self.broken_sa("initiator SA without a DH secret");
+            return;
+        };
         sa.init_req = bytes.clone();
         self.start_request(&mut sa, RequestKind::Init, bytes, now);
         self.sas.insert(spi_i, sa);
     }
 
-    fn build_init_request(&self, sa: &mut IkeSa) -> Vec<u8> {
-        let peer = sa.peer.expect("initiator SAs have a peer");
+    /// The IKE_SA_INIT request of an SA we initiate for `peer`; `None` without our DH
+    /// secret (an initiator's SA always has one).
+    fn build_init_request(&self, sa: &IkeSa, peer: PeerId) -> Option<Vec<u8>> {
         let cfg = &self.peers[peer].cfg;
-        let dh = sa.dh.as_ref().expect("initiator keeps its DH secret");
+        let dh = sa.dh.as_ref()?;
         let mut payloads = Vec::new();
         if let Some(c) = &sa.cookie {
             payloads.push(Payload::Notify(Notify {
@@ -1126,7 +1132,7 @@ impl Endpoint {
             message_id: 0,
             length: 0,
         };
-        Message::encode_plain(header, &payloads)
+        Some(Message::encode_plain(header, &payloads))
     }
 
     /// Rekey the tunnel's newest CHILD SA now (operator `rotate`, or a test).
@@ -1155,7 +1161,7 @@ impl Endpoint {
             if let Some(mut sa) = self.sas.remove(&spi) {
                 if sa.state == SaState::Established {
                     let id = sa.next_id;
-                    let bytes = sa.seal(
+                    let delete = sa.seal(
                         ExchangeType::Informational,
                         id,
                         false,
@@ -1165,7 +1171,9 @@ impl Endpoint {
                             spis: vec![],
                         })],
                     );
-                    self.send(sa.remote, sa.via, bytes);
+                    if let Some(bytes) = delete {
+                        self.send(sa.remote, sa.via, bytes);
+                    }
                 }
                 self.event(Event::IkeDown {
                     peer,
@@ -1343,7 +1351,7 @@ impl Endpoint {
                     group: ids::KE_ML_KEM_768,
                     data: ek.clone(),
                 }];
-                let bytes = sa.seal(ExchangeType::IkeIntermediate, id, false, &inner);
+                let bytes = sa.seal(ExchangeType::IkeIntermediate, id, false, &inner)?;
                 // IntAuth_i1 = prf(SK_pi, our message as RFC 9242 adjusts it), keys of now.
                 sa.int_auth_i =
                     Some(sa.int_auth_link(true, &bytes, &wire::encode_payloads(&inner).1)?);
@@ -1455,7 +1463,7 @@ impl Endpoint {
                 })],
             ),
         };
-        Some(sa.seal(exchange, id, false, &inner))
+        sa.seal(exchange, id, false, &inner)
     }
 
     /// A fresh IKE SPI of ours, unique on this endpoint.
@@ -1838,7 +1846,10 @@ impl Endpoint {
                 return true;
             }
         };
-        let peer = sa.peer.expect("initiator SA has a peer");
+        let Some(peer) = sa.peer else {
+            self.broken_sa("initiator SA without a peer");
+            return false;
+        };
         if let Some(c) = notify_of(&msg.payloads, notify::COOKIE) {
             if c.data.is_empty() || c.data.len() > 64 {
                 self.event(Event::Dropped {
@@ -1847,7 +1858,10 @@ impl Endpoint {
                 return true;
             }
             sa.cookie = Some(c.data.clone());
-            let bytes = self.build_init_request(sa);
+            let Some(bytes) = self.build_init_request(sa, peer) else {
+                self.broken_sa("initiator SA without a DH secret");
+                return false;
+            };
             sa.init_req = bytes.clone();
             sa.pending = None;
             self.start_request(sa, RequestKind::Init, bytes, now);
@@ -1955,10 +1969,6 @@ impl Endpoint {
         header: Header,
         rng: &mut dyn Rng,
     ) -> bool {
-        if sa.keys.is_none() {
-            self.event(Event::Dropped { reason: "no_keys" });
-            return true;
-        }
         // The sender's role must be the opposite of ours.
         if header.from_initiator() == sa.initiator {
             self.event(Event::Dropped {
@@ -1995,7 +2005,11 @@ impl Endpoint {
                 return true;
             }
         }
-        let inner = match crypto::open_message_detailed(sa.aead, sa.recv_key(), data) {
+        let Some(recv_key) = sa.recv_key() else {
+            self.event(Event::Dropped { reason: "no_keys" });
+            return true;
+        };
+        let inner = match crypto::open_message_detailed(sa.aead, recv_key, data) {
             Ok(o) => {
                 if header.exchange == ExchangeType::IkeIntermediate {
                     sa.rx_intermediate = Some((data.to_vec(), o.inner_bytes));
@@ -2032,7 +2046,10 @@ impl Endpoint {
             return true;
         }
         if header.is_response() {
-            let p = sa.pending.take().expect("checked above");
+            let Some(p) = sa.pending.take() else {
+                self.broken_sa("response matched without a pending request");
+                return true;
+            };
             self.rtt_sample_p(sa, &p, now);
             sa.next_id = sa.next_id.wrapping_add(1);
             let keep = self.response(sa, p.kind, &inner, now, rng);
@@ -2058,7 +2075,10 @@ impl Endpoint {
 
     /// Send a response and cache it for retransmitted requests.
     fn respond(&mut self, sa: &mut IkeSa, header: Header, to: SocketAddr, inner: &[Payload]) {
-        let bytes = sa.seal(header.exchange, header.message_id, true, inner);
+        let Some(bytes) = sa.seal(header.exchange, header.message_id, true, inner) else {
+            self.broken_sa("response on an SA without keys");
+            return;
+        };
         sa.last_response = Some((header.message_id, bytes.clone()));
         sa.peer_next_id = header.message_id.wrapping_add(1);
         self.send(to, self.rx_via, bytes);
@@ -2144,7 +2164,10 @@ impl Endpoint {
             return false;
         };
         let int_auth = sa.int_auth_octets();
-        let keys = sa.keys.as_ref().expect("keys exist");
+        let Some(keys) = sa.keys.as_ref() else {
+            self.broken_sa("authenticated SA without keys");
+            return true;
+        };
         let expected = crypto::psk_auth(
             &cfg.psk,
             &sa.init_resp,
@@ -2210,7 +2233,7 @@ impl Endpoint {
             });
             return true;
         }
-        let first = NewChild::with_ike_sa(
+        let Some(first) = NewChild::with_ike_sa(
             sa,
             true,
             spi_in,
@@ -2218,7 +2241,10 @@ impl Endpoint {
             aead,
             ts_i.to_vec(),
             ts_r.to_vec(),
-        );
+        ) else {
+            self.broken_sa("authenticated SA without keys");
+            return true;
+        };
         let child = self.make_child(peer, first, now);
         self.event(Event::ChildUp { peer, child });
         true
@@ -2467,7 +2493,10 @@ impl Endpoint {
             },
             None => None,
         };
-        let sk_d = sa.keys.as_ref().expect("keys").sk_d.clone();
+        let Some(sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
+            self.broken_sa("authenticated SA without keys");
+            return;
+        };
         let shared_parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
         let child = self.make_child(
             peer,
@@ -2555,7 +2584,10 @@ impl Endpoint {
             });
             return true;
         };
-        let old_sk_d = sa.keys.as_ref().expect("keys").sk_d.clone();
+        let Some(old_sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
+            self.broken_sa("authenticated SA without keys");
+            return true;
+        };
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, nr);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
@@ -2717,7 +2749,10 @@ impl Endpoint {
         });
         sa.auth_mid = header.message_id;
         let int_auth = sa.int_auth_octets();
-        let keys = sa.keys.as_ref().expect("keys");
+        let Some(keys) = sa.keys.as_ref() else {
+            self.broken_sa("authenticated SA without keys");
+            return true;
+        };
         let verified = peer.filter(|&p| {
             let expected = crypto::psk_auth(
                 &self.peers[p].cfg.psk,
@@ -2780,7 +2815,10 @@ impl Endpoint {
                 self.event(Event::PeerRestarted { peer });
             }
         }
-        let keys = sa.keys.as_ref().expect("keys");
+        let Some(keys) = sa.keys.as_ref() else {
+            self.broken_sa("authenticated SA without keys");
+            return true;
+        };
         let our_auth = crypto::psk_auth(
             &cfg.psk,
             &sa.init_resp,
@@ -2843,8 +2881,12 @@ impl Endpoint {
             return true;
         }
         if let Some((aead, spi_in, spi_out, local_ts, remote_ts)) = child {
-            let first =
-                NewChild::with_ike_sa(sa, false, spi_in, spi_out, aead, local_ts, remote_ts);
+            let Some(first) =
+                NewChild::with_ike_sa(sa, false, spi_in, spi_out, aead, local_ts, remote_ts)
+            else {
+                self.broken_sa("authenticated SA without keys");
+                return true;
+            };
             let info = self.make_child(peer, first, now);
             self.event(Event::ChildUp { peer, child: info });
         }
@@ -2957,7 +2999,10 @@ impl Endpoint {
         out.push(Payload::TsI(narrowed_i.clone()));
         out.push(Payload::TsR(narrowed_r.clone()));
         self.respond(sa, header, from, &out);
-        let sk_d = sa.keys.as_ref().expect("keys").sk_d.clone();
+        let Some(sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
+            self.broken_sa("authenticated SA without keys");
+            return;
+        };
         let parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
         let info = self.make_child(
             peer,
@@ -3051,7 +3096,10 @@ impl Endpoint {
                 },
             ],
         );
-        let old_sk_d = sa.keys.as_ref().expect("keys").sk_d.clone();
+        let Some(old_sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
+            self.broken_sa("authenticated SA without keys");
+            return;
+        };
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, &nr);
         let keys = crypto::derive_ike_keys(&*skeyseed, ni, &nr, new_spi_i, new_spi_r, sa.aead);
         let mut new = IkeSa {
