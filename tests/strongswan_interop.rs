@@ -233,18 +233,36 @@ fn charon_rekeys_every_10s_under_100_pings_per_second_without_loss() {
     x.ping_both_ways();
     let before = x.ike()["rekeys"].as_u64().unwrap_or(0);
     let (mut sent, mut received) = (0, 0);
+    // Per batch of pings: when it ended, what it lost, how many rekeys had happened.
+    let mut batches = Vec::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         let r = t.ping(&t.ns_a, t.host_a, t.host_b, 1000, 0.007);
         sent += r.sent;
         received += r.received;
+        let rekeys = x.ike()["rekeys"].as_u64().unwrap_or(0) - before;
+        batches.push(format!(
+            "{:.1}s: {}/{} (rekeys so far {rekeys})",
+            started.elapsed().as_secs_f64(),
+            r.received,
+            r.sent
+        ));
     }
     let rate = f64::from(sent) / started.elapsed().as_secs_f64();
     let rekeys = x.ike()["rekeys"].as_u64().unwrap_or(0) - before;
     eprintln!("{received}/{sent} pings ({rate:.0}/s) across {rekeys} charon-initiated rekeys");
     assert!(rate >= 90.0, "only {rate:.0} pings/s");
     assert!(rekeys >= 5, "only {rekeys} rekeys in 60 s");
-    assert_eq!(received, sent, "lost {} pings", sent - received);
+    assert_eq!(
+        received,
+        sent,
+        "lost {} pings\nbatches:\n{}\nsitewire:\n{}\ncharon:\n{}\nstatus: {}",
+        sent - received,
+        batches.join("\n"),
+        x.sw.log_tail(60),
+        x.charon.log_tail(80),
+        tunnel_status(&x.iface, "hq")
+    );
     assert!(x.charon.log().contains("CHILD_REKEY"));
     let ike_rekeys = x.sw.log().matches("rekey=true suite=").count();
     eprintln!("{ike_rekeys} IKE SA rekeys by charon");
