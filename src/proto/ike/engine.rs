@@ -1054,6 +1054,15 @@ impl Endpoint {
         });
     }
 
+    /// The keys of an SA past IKE_SA_INIT; a missing one is a [`broken_sa`](Self::broken_sa).
+    fn keys_of<'a>(&mut self, sa: &'a IkeSa) -> Option<&'a IkeKeys> {
+        let keys = sa.keys.as_ref();
+        if keys.is_none() {
+            self.broken_sa("authenticated SA without keys");
+        }
+        keys
+    }
+
     fn event(&mut self, e: Event) {
         self.events.push_back(e);
     }
@@ -2164,8 +2173,7 @@ impl Endpoint {
             return false;
         };
         let int_auth = sa.int_auth_octets();
-        let Some(keys) = sa.keys.as_ref() else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(keys) = self.keys_of(sa) else {
             return true;
         };
         let expected = crypto::psk_auth(
@@ -2493,8 +2501,7 @@ impl Endpoint {
             },
             None => None,
         };
-        let Some(sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(sk_d) = self.keys_of(sa).map(|k| k.sk_d.clone()) else {
             return;
         };
         let shared_parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
@@ -2584,8 +2591,7 @@ impl Endpoint {
             });
             return true;
         };
-        let Some(old_sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(old_sk_d) = self.keys_of(sa).map(|k| k.sk_d.clone()) else {
             return true;
         };
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, nr);
@@ -2749,8 +2755,7 @@ impl Endpoint {
         });
         sa.auth_mid = header.message_id;
         let int_auth = sa.int_auth_octets();
-        let Some(keys) = sa.keys.as_ref() else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(keys) = self.keys_of(sa) else {
             return true;
         };
         let verified = peer.filter(|&p| {
@@ -2815,8 +2820,7 @@ impl Endpoint {
                 self.event(Event::PeerRestarted { peer });
             }
         }
-        let Some(keys) = sa.keys.as_ref() else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(keys) = self.keys_of(sa) else {
             return true;
         };
         let our_auth = crypto::psk_auth(
@@ -2999,8 +3003,7 @@ impl Endpoint {
         out.push(Payload::TsI(narrowed_i.clone()));
         out.push(Payload::TsR(narrowed_r.clone()));
         self.respond(sa, header, from, &out);
-        let Some(sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(sk_d) = self.keys_of(sa).map(|k| k.sk_d.clone()) else {
             return;
         };
         let parts: Vec<&[u8]> = shared.iter().map(|s| s.as_slice()).collect();
@@ -3096,8 +3099,7 @@ impl Endpoint {
                 },
             ],
         );
-        let Some(old_sk_d) = sa.keys.as_ref().map(|k| k.sk_d.clone()) else {
-            self.broken_sa("authenticated SA without keys");
+        let Some(old_sk_d) = self.keys_of(sa).map(|k| k.sk_d.clone()) else {
             return;
         };
         let skeyseed = crypto::skeyseed_rekey(&old_sk_d, &*shared, ni, &nr);
