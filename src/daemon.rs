@@ -29,9 +29,9 @@ const RERESOLVE_EVERY: Duration = Duration::from_secs(300);
 /// 3-5 ms at a time, sometimes for 12 ms, while a local sender keeps writing. At
 /// 1.5 Gbit/s of 1392-byte datagrams that is up to ~1,600 packets per stall, and stalls
 /// come in runs: 2000 slots dropped 1-5 % of a UDP stream that the daemon kept up with
-/// on average. 16384 slots (bench/run.sh udp_search, 4 rounds each: median loss-free
-/// rate 1.22 Gbit/s at 2000, 1.33 at 8192, 1.60 at 16384, 1.62 at 32768) ride those
-/// stalls out. The ring holds pointers (128 KiB); packets only occupy it while the
+/// on average. 16384 slots (bench/run.sh udp_search, medians of 3-6 rounds: loss-free
+/// rate 1.22-1.51 Gbit/s at 2000, 1.33 at 8192, 1.59-1.60 at 16384, 1.62 at 32768) ride
+/// those stalls out. The ring holds pointers (128 KiB); packets only occupy it while the
 /// reader is behind. Under a sustained overload a full queue adds at most ~120 ms at
 /// that rate (TCP through the tunnel showed the same ping under load as with 2000).
 /// An admin can still change it on the running device: `ip link set DEV txqueuelen N`.

@@ -190,9 +190,6 @@ impl Wire {
     }
 }
 
-/// `UdpSocketState::new` sets DF on every datagram (`IP_PMTUDISC_PROBE`). Restore the
-/// kernel default, as other WireGuard implementations leave it: a datagram larger than
-/// the path MTU is fragmented rather than dropped.
 /// Bytes asked for each of the site socket's receive and send buffers (the kernel
 /// doubles them for its bookkeeping).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -211,6 +208,9 @@ fn size_buffers(sock: &socket2::Socket) {
     }
 }
 
+/// `UdpSocketState::new` sets DF on every datagram (`IP_PMTUDISC_PROBE`). Restore the
+/// kernel default, as other WireGuard implementations leave it: a datagram larger than
+/// the path MTU is fragmented rather than dropped.
 fn allow_fragmentation(sock: &UdpSocket, v6: bool) {
     use std::os::fd::AsRawFd;
     let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {

@@ -717,9 +717,6 @@ fn child_proposals(aeads: &[AeadAlg], spi: u32, pfs: bool) -> Vec<Proposal> {
         .collect()
 }
 
-/// The AEAD of an IKE proposal we can accept (PRF SHA2-256, DH X25519, no INTEG), and
-/// whether it runs the ML-KEM-768 additional key exchange (only if `pq_ok`; an ADDKE1
-/// that offers nothing else we support, and no NONE, rejects the proposal).
 /// The SPI of an IKE SA proposal (rekeying, RFC 7296 §3.3.1): exactly 8 bytes.
 fn ike_spi(p: &Proposal) -> Option<u64> {
     <[u8; 8]>::try_from(p.spi.as_slice())
@@ -727,6 +724,9 @@ fn ike_spi(p: &Proposal) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
+/// The AEAD of an IKE proposal we can accept (PRF SHA2-256, DH X25519, no INTEG), and
+/// whether it runs the ML-KEM-768 additional key exchange (only if `pq_ok`; an ADDKE1
+/// that offers nothing else we support, and no NONE, rejects the proposal).
 fn accept_ike_proposal(p: &Proposal, allowed: &[AeadAlg], pq_ok: bool) -> Option<(AeadAlg, bool)> {
     if p.protocol != ids::PROTO_IKE {
         return None;
