@@ -559,10 +559,11 @@ impl IkeSa {
             message_id: id,
             length: 0,
         };
-        self.send_key()?;
-        self.iv += 1;
-        let key = self.send_key()?;
-        Some(crypto::seal_message(self.aead, key, self.iv, header, inner))
+        // The IV advances only for a message that is sealed.
+        let iv = self.iv + 1;
+        let message = crypto::seal_message(self.aead, self.send_key()?, iv, header, inner);
+        self.iv = iv;
+        Some(message)
     }
 }
 
