@@ -619,6 +619,15 @@ impl Driver {
     }
 
     fn flush(&mut self) {
+        // Events first: a CHILD SA the engine has just made goes into the data plane
+        // before the message that completes its exchange leaves. The peer may send on
+        // the new SA as soon as it has our answer (strongSwan does when it initiated the
+        // rekey), and a packet that overtook the install would be dropped as an unknown
+        // SPI. What handling an event queues (a DPD restart's IKE_SA_INIT) leaves below
+        // with the rest, in this same flush.
+        while let Some(e) = self.ep.poll_event() {
+            self.event(e);
+        }
         while let Some(tx) = self.ep.poll_transmit() {
             let (wire, marker) = match (tx.via, &self.dp.ipsec) {
                 (VIA_IKE, Some(w)) => (&w.ike, false),
@@ -636,9 +645,6 @@ impl Driver {
             if sent.is_err() {
                 tracing::debug!(to = %tx.dst, "sending an IKE message failed");
             }
-        }
-        while let Some(e) = self.ep.poll_event() {
-            self.event(e);
         }
     }
 
