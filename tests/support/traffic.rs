@@ -86,8 +86,15 @@ pub struct IperfResult {
 static IPERF_SEQ: AtomicU16 = AtomicU16::new(0);
 
 impl Topo {
-    /// `ping -n -q -c COUNT -i INTERVAL -W 1 -I SRC DST` in `ns`. Panics if ping produced no
-    /// summary (e.g. SRC is not a local address); a lossy result is returned, not a panic.
+    /// `ping -n -q -c COUNT -i INTERVAL -W 1 -w DEADLINE -I SRC DST` in `ns`. Panics if ping
+    /// produced no summary (e.g. SRC is not a local address); a lossy result is returned, not
+    /// a panic.
+    ///
+    /// The deadline (the send time of all COUNT pings, half again, plus 3 s) makes ping wait
+    /// for every reply. Without it iputils stops as soon as the last request has been out for
+    /// twice the slowest round trip so far (at least one interval) and counts a reply that is
+    /// merely late, on a loaded machine, as lost: a tunnel that passed every packet, both
+    /// ways, then looked lossy.
     pub fn ping(
         &self,
         ns: &str,
@@ -96,9 +103,11 @@ impl Topo {
         count: u32,
         interval: f64,
     ) -> PingStats {
-        let (count_s, interval_s, src_s, dst_s) = (
+        let deadline = (count as f64 * interval.max(0.0) * 1.5).ceil() as u64 + 3;
+        let (count_s, interval_s, deadline_s, src_s, dst_s) = (
             count.to_string(),
             interval.to_string(),
+            deadline.to_string(),
             src.to_string(),
             dst.to_string(),
         );
@@ -112,11 +121,13 @@ impl Topo {
             &interval_s,
             "-W",
             "1",
+            "-w",
+            &deadline_s,
             "-I",
             &src_s,
             &dst_s,
         ];
-        let limit = Duration::from_secs_f64(count as f64 * interval.max(0.0) + 15.0);
+        let limit = Duration::from_secs(deadline + 15);
         let out = self
             .exec_timeout(ns, &cmd, limit)
             .unwrap_or_else(|| panic!("{cmd:?} in {ns} did not finish within {limit:?}"));
