@@ -58,6 +58,19 @@ fn parsers() {
     assert!(s.rtt_avg_ms.is_nan());
     assert!(support::parse_ping("ping: connect: Network is unreachable\n").is_none());
 
+    // With -w ping sends past COUNT until it has COUNT replies: seq 2 lost, 4 and 5 extra,
+    // 3 duplicated, 0 and 9 out of range.
+    let deadline = "PING 10.1.0.2 (10.1.0.2) from 10.1.0.1 : 56(84) bytes of data.\n\
+                    64 bytes from 10.1.0.2: icmp_seq=1 ttl=64 time=0.1 ms\n\
+                    64 bytes from 10.1.0.2: icmp_seq=3 ttl=64 time=0.1 ms\n\
+                    64 bytes from 10.1.0.2: icmp_seq=3 ttl=64 time=0.2 ms (DUP!)\n\
+                    64 bytes from 10.1.0.2: icmp_seq=4 ttl=64 time=0.1 ms\n\
+                    64 bytes from 10.1.0.2: icmp_seq=0 ttl=64 time=0.1 ms\n\
+                    64 bytes from 10.1.0.2: icmp_seq=9 ttl=64 time=0.1 ms\n";
+    assert_eq!(support::answered_seqs(deadline, 3), 2);
+    assert_eq!(support::answered_seqs(deadline, 4), 3);
+    assert_eq!(support::answered_seqs("", 3), 0);
+
     let dump = "cHJpdg==\tcHVi\t51820\toff\n\
                 UEVFUg==\t(none)\t10.1.0.2:51821\t10.1.2.0/24,10.1.3.2/32\t1700000000\t1234\t5678\toff\n\
                 UEVFUjI=\t(none)\t(none)\t(none)\t0\t0\t0\toff\n";

@@ -24,7 +24,7 @@ pub mod strongswan;
 pub mod traffic;
 pub mod wg;
 
-pub use traffic::{parse_ping, IperfResult, PingStats};
+pub use traffic::{answered_seqs, parse_ping, IperfResult, PingStats};
 pub use wg::{parse_wg_dump, wg_genkey, within_connected, WgPeer};
 
 use std::collections::hash_map::RandomState;

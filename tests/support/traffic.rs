@@ -70,6 +70,22 @@ pub fn parse_ping(output: &str) -> Option<PingStats> {
     found.then_some(stats)
 }
 
+/// How many distinct sequence numbers 1..=`count` have a reply line
+/// ("64 bytes from 10.0.0.2: icmp_seq=7 ttl=64 time=0.1 ms") in ping's output.
+pub fn answered_seqs(output: &str, count: u32) -> u32 {
+    let mut seen = vec![false; count as usize + 1];
+    for line in output.lines().filter(|l| l.contains(" bytes from ")) {
+        let seq = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("icmp_seq="))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(slot) = seq.and_then(|n| seen.get_mut(n)) {
+            *slot = true;
+        }
+    }
+    seen.iter().skip(1).filter(|&&s| s).count() as u32
+}
+
 /// Result of one iperf3 TCP test, from the client's `-J` output.
 #[derive(Clone, Debug)]
 pub struct IperfResult {
@@ -86,15 +102,17 @@ pub struct IperfResult {
 static IPERF_SEQ: AtomicU16 = AtomicU16::new(0);
 
 impl Topo {
-    /// `ping -n -q -c COUNT -i INTERVAL -W 1 -w DEADLINE -I SRC DST` in `ns`. Panics if ping
-    /// produced no summary (e.g. SRC is not a local address); a lossy result is returned, not
-    /// a panic.
+    /// `ping -n -c COUNT -i INTERVAL -W 1 -w DEADLINE -I SRC DST` in `ns`: whether each of the
+    /// COUNT requests was answered. Panics if ping produced no summary (e.g. SRC is not a
+    /// local address); a lossy result is returned, not a panic.
     ///
-    /// The deadline (the send time of all COUNT pings, half again, plus 3 s) makes ping wait
-    /// for every reply. Without it iputils stops as soon as the last request has been out for
-    /// twice the slowest round trip so far (at least one interval) and counts a reply that is
-    /// merely late, on a loaded machine, as lost: a tunnel that passed every packet, both
-    /// ways, then looked lossy.
+    /// Plain `-c COUNT` is not enough: iputils stops as soon as the last request has been out
+    /// for twice the slowest round trip so far (at least one interval) and counts a reply
+    /// that is merely late, on a loaded machine, as lost; a tunnel that passed every packet
+    /// both ways then looked lossy. With a deadline (the send time of all COUNT pings, half
+    /// again, plus 3 s) ping waits, but it also keeps sending until it has COUNT replies, so
+    /// its own summary would hide a loss. Hence `sent` is COUNT and `received` the number of
+    /// sequence numbers 1..=COUNT answered, read from the reply lines; the RTTs are ping's.
     pub fn ping(
         &self,
         ns: &str,
@@ -114,7 +132,6 @@ impl Topo {
         let cmd = [
             "ping",
             "-n",
-            "-q",
             "-c",
             &count_s,
             "-i",
@@ -136,8 +153,24 @@ impl Topo {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        parse_ping(&text)
-            .unwrap_or_else(|| panic!("{cmd:?} in {ns}: no ping summary ({}):\n{text}", out.status))
+        let mut stats = parse_ping(&text).unwrap_or_else(|| {
+            panic!("{cmd:?} in {ns}: no ping summary ({}):\n{text}", out.status)
+        });
+        let answered = answered_seqs(&text, count);
+        let replies = text.lines().filter(|l| l.contains(" bytes from ")).count();
+        stats.output = text
+            .lines()
+            .filter(|l| !l.contains(" bytes from "))
+            .chain(std::iter::once(
+                format!("({replies} reply lines; {answered} of icmp_seq 1..={count} answered)")
+                    .as_str(),
+            ))
+            .collect::<Vec<_>>()
+            .join("\n");
+        stats.sent = count;
+        stats.received = answered;
+        stats.loss_pct = 100.0 * f64::from(count - answered) / f64::from(count.max(1));
+        stats
     }
 
     /// Single pings (1 s reply timeout each) until one is answered (-> true) or `timeout` passes.
