@@ -79,6 +79,14 @@ pub struct Task {
     ike_announced: Option<u64>,
 }
 
+/// What publishing a new site key came to.
+enum PublishOutcome {
+    /// Ours is published.
+    Ours,
+    /// A newer version (another daemon's) is published; ours was not.
+    Newer(Published),
+}
+
 /// The published path that goes with the private path `p`.
 fn public_path_of(p: &str, vault_prefix: &str, site: &str) -> String {
     match p.strip_suffix("/private") {
@@ -215,9 +223,14 @@ impl Task {
         let margin = self.poll_every() * 3;
         self.connected().await?.keep_login(margin).await?;
         if let Some((key, version)) = self.unpublished.take() {
-            if let Err(e) = self.publish_and_schedule(key.clone(), version).await {
-                self.unpublished = Some((key, version));
-                return Err(e);
+            match self.publish_and_schedule(key.clone(), version).await {
+                Ok(PublishOutcome::Ours) => {}
+                // follow_own() below adopts the newer one.
+                Ok(PublishOutcome::Newer(_)) => self.dp.cancel_announced_key(),
+                Err(e) => {
+                    self.unpublished = Some((key, version));
+                    return Err(e);
+                }
             }
         }
         self.follow_own().await?;
@@ -316,7 +329,9 @@ impl Task {
             version: v.current_version(private_path).await?,
             not_before: unix_now(),
         };
-        v.publish(public_path, &p).await?;
+        if let Some(newer) = v.publish(public_path, &p).await? {
+            return Ok(Some(newer));
+        }
         tracing::info!(path = %public_path, public_key = %p.key, "nothing published for the site key: published the key in use");
         self.published = Some(p);
         Ok(None)
@@ -444,12 +459,32 @@ impl Task {
             }
         };
         tracing::info!(version, why, "new site key stored in Vault");
-        if let Err(e) = self.publish_and_schedule(key.clone(), version).await {
-            self.unpublished = Some((key, version));
-            return Err(e.context(format!(
-                "version {version} is stored but not published; publishing is retried and the \
-                 current key stays in use until then"
-            )));
+        match self.publish_and_schedule(key.clone(), version).await {
+            Ok(PublishOutcome::Ours) => {}
+            Ok(PublishOutcome::Newer(q)) => {
+                // A second daemon on this Vault path stored a version on top of ours and
+                // published it first: ours is never used.
+                self.dp.cancel_announced_key();
+                tracing::info!(
+                    version,
+                    newer = q.version,
+                    "a newer site key was published before ours: adopting it"
+                );
+                self.follow_own().await?;
+                return Ok(format!(
+                    "site key version {version} stored, but version {} (stored after it, from a \
+                     second daemon on this Vault path) is published: adopting version {} (used \
+                     from {} on)",
+                    q.version, q.version, q.not_before
+                ));
+            }
+            Err(e) => {
+                self.unpublished = Some((key, version));
+                return Err(e.context(format!(
+                    "version {version} is stored but not published; publishing is retried and \
+                     the current key stays in use until then"
+                )));
+            }
         }
         let p = self.published.unwrap_or(Published {
             key: key.public_key(),
@@ -465,9 +500,15 @@ impl Task {
         ))
     }
 
-    async fn publish_and_schedule(&mut self, key: PrivateKey, version: u64) -> Result<()> {
+    /// Publishes our new key and schedules the switch to it, unless a newer version is
+    /// published already (then nothing is scheduled).
+    async fn publish_and_schedule(
+        &mut self,
+        key: PrivateKey,
+        version: u64,
+    ) -> Result<PublishOutcome> {
         let Some((_, public_path)) = self.own.clone() else {
-            return Ok(());
+            return Ok(PublishOutcome::Ours);
         };
         let p = Published {
             key: key.public_key(),
@@ -475,10 +516,12 @@ impl Task {
             not_before: unix_now() + self.grace(),
         };
         self.dp.announce_key(key.clone());
-        self.connected().await?.publish(&public_path, &p).await?;
+        if let Some(newer) = self.connected().await?.publish(&public_path, &p).await? {
+            return Ok(PublishOutcome::Newer(newer));
+        }
         self.published = Some(p);
         self.scheduled = Some((key, p));
-        Ok(())
+        Ok(PublishOutcome::Ours)
     }
 
     /// Lost a check-and-set race: use the version the other daemon wrote.

@@ -425,23 +425,63 @@ impl Vault {
         }
     }
 
-    /// Publishes the site's public key.
-    pub async fn publish(&self, path: &str, p: &Published) -> Result<()> {
+    /// Publishes the site's public key, unless a newer version of the site key is published
+    /// there already: then returns that one and writes nothing.
+    ///
+    /// Two daemons sharing a site key can both store a new version (the second one's
+    /// check-and-set write builds on the first's) and then publish in either order, so the
+    /// publication itself is a check-and-set write on what was read: the published version
+    /// never goes backwards.
+    pub async fn publish(&self, path: &str, p: &Published) -> Result<Option<Published>> {
+        let failed = |e: &ClientError| {
+            anyhow!(
+                "publishing the public key at {}/{path} (Vault at {}) failed: {}",
+                self.mount,
+                self.address,
+                describe(e)
+            )
+        };
         let published = serde_json::json!({
             "public_key": p.key.to_base64(),
             "version": p.version,
             "not_before": p.not_before,
         });
-        let r = vaultrs::kv2::set(&self.client, &self.mount, path, &published).await;
-        self.record("write", &r);
-        r.map(|_| ()).map_err(|e| {
-            anyhow!(
-                "publishing the public key at {}/{path} (Vault at {}) failed: {}",
-                self.mount,
-                self.address,
-                describe(&e)
-            )
-        })
+        for _ in 0..10 {
+            let endpoint = vaultrs::api::kv2::requests::ReadSecretRequest::builder()
+                .mount(&self.mount)
+                .path(path)
+                .build()
+                .map_err(|e| anyhow!("publishing at {}/{path}: {e}", self.mount))?;
+            let r = vaultrs::api::exec_with_result(&self.client, endpoint).await;
+            self.record("read", &r);
+            let cas = match r {
+                Ok(current) => {
+                    // A publication we cannot read is overwritten.
+                    let there = serde_json::from_value(current.data)
+                        .ok()
+                        .and_then(|data| published_from(path, &data).ok());
+                    if let Some(q) = there.filter(|q| q.version > p.version) {
+                        return Ok(Some(q));
+                    }
+                    current.metadata.version
+                }
+                Err(ClientError::APIError { code: 404, .. }) => 0,
+                Err(e) => return Err(failed(&e)),
+            };
+            match self.write_cas(path, &published, cas as u32).await {
+                Ok(_) => return Ok(None),
+                // Someone published between our read and write: look again.
+                Err(ClientError::APIError { code: 400, errors })
+                    if errors.iter().any(|e| e.contains("check-and-set")) => {}
+                Err(e) => return Err(failed(&e)),
+            }
+        }
+        bail!(
+            "publishing the public key at {}/{path} (Vault at {}) failed: it kept changing under \
+             10 check-and-set writes",
+            self.mount,
+            self.address
+        )
     }
 
     async fn check_login(&self) -> Result<()> {

@@ -953,6 +953,67 @@ fn approle_least_privilege() {
     assert_no_secrets(&[a.log(), a2.log(), b.log(), out], &secrets);
 }
 
+/// Publishing is a check-and-set write on what was read. Two daemons sharing a site key can
+/// each store a version (the second on top of the first) and publish in either order; the
+/// one that publishes last must not put the older version back. Driven here with the daemon's
+/// own Vault client against OpenBao, in the namespace OpenBao listens in.
+#[test]
+fn a_publication_never_goes_backwards() {
+    if !prereq(&["bao"]) {
+        return;
+    }
+    let t = Topo::new("vpub");
+    let bao = start_bao(&t);
+    let text = site_config(
+        &t,
+        Site::A,
+        t.port(0),
+        &vault_section(&bao.addr_a, &bao.token_file),
+    );
+    let dir = t.tempdir();
+    let cfg = sitewire::config::Config::parse(&text, &dir).expect("config");
+    let ns_path = format!("/run/netns/{}", t.ns_a);
+    let results = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_path).expect("open netns");
+        // SAFETY: setns on this thread only, with a namespace fd we hold open.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let v = sitewire::vault::Vault::connect(cfg.vault.as_ref())
+                .await
+                .expect("connect");
+            let path = v.site_path("race", "public");
+            let publication = |version| sitewire::vault::Published {
+                key: sitewire::keys::PrivateKey::generate().public_key(),
+                version,
+                not_before: 0,
+            };
+            let (p7, p6, p8) = (publication(7), publication(6), publication(8));
+            let mut out = Vec::new();
+            for p in [p7, p6, p8, p8] {
+                let r = v.publish(&path, &p).await.expect("publish");
+                out.push((p, r, v.read_published(&path).await.expect("read")));
+            }
+            out
+        })
+    })
+    .join()
+    .expect("vault thread");
+    let [(p7, r7, now7), (_, r6, now6), (p8, r8, now8), (_, again, now_again)] =
+        <[_; 4]>::try_from(results).expect("four publications");
+    // Into an empty path, then on top of an older version: written.
+    assert_eq!((r7, now7), (None, p7));
+    assert_eq!((r8, now8), (None, p8));
+    // An older version after a newer one: not written, the newer one is returned.
+    assert_eq!((r6, now6), (Some(p7), p7));
+    // The same version again is not "newer": written (a retried publication).
+    assert_eq!((again, now_again), (None, p8));
+}
+
 #[test]
 fn two_daemons_race_a_rotation() {
     if !prereq(&["ping", "bao", "wg"]) {
