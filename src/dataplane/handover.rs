@@ -14,25 +14,12 @@
 //! Only the current owner reads the TUN, and it flips the owner itself (light -> heavy
 //! by the UDP reader, heavy -> light by the TUN reader), under the lock of the TUN
 //! path: packets keep their order across a handover.
-//!
-//! It is off ([`LIGHT_PATH`]): since the packet threads stopped yielding for lone packets
-//! ([`Pace`]), the dedicated TUN reader answers an idle round trip sooner than the light
-//! path does (see [`LIGHT_PATH`] for the numbers). [`Pace`] is used either way.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// Whether the UDP reader serves the TUN while traffic is light. Off: measured on
-/// 2026-12-04 (2 vCPUs, both sites in namespaces, pings every 10 ms through an idle
-/// tunnel), six interleaved rounds of 800 pings each gave a mean round trip of 0.258 ms
-/// with the light path, 0.218 ms without it (lower in all six rounds) and 0.256 ms for
-/// boringtun; the bench's ping test (4 rounds of 500) gave 0.213 ms without it against
-/// boringtun's 0.265. Throughput does not change: under load the TUN reader owns the TUN
-/// either way.
-pub const LIGHT_PATH: bool = false;
 
 /// A drain of at least this many packets moves the TUN to the TUN reader.
 pub const HEAVY_AFTER_PACKETS: usize = 8;

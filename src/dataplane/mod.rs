@@ -11,9 +11,9 @@
 //! [`Dataplane::handle_tun_packet`] / [`Dataplane::handle_datagram`] do the work and
 //! only queue into the thread's [`batch::TxBatch`] / [`batch::TunBatch`].
 //!
-//! The UDP reader can also serve the TUN while traffic is light ([`handover`]); that is
-//! off ([`handover::LIGHT_PATH`]): measured, the dedicated TUN reader answers idle round
-//! trips sooner.
+//! While traffic is light the UDP reader also serves the TUN, so a round trip through
+//! an idle tunnel wakes one thread less; the TUN reader takes the TUN over after a
+//! burst ([`handover`]).
 
 pub mod batch;
 pub mod esp;
@@ -457,7 +457,7 @@ impl Dataplane {
         let local = LocalKey::with_limit(private, handshake_limit);
         let listen_port = wire.local_port()?;
         let path = TunPath::new(&tun);
-        let handover = Handover::new(path.nonblocking && handover::LIGHT_PATH)?;
+        let handover = Handover::new(path.nonblocking)?;
         let dp = Self {
             tun_path: Mutex::new(path),
             handover,
@@ -932,8 +932,7 @@ impl Dataplane {
 
     /// Batched: up to [`quinn_udp::BATCH_SIZE`] buffers per `recvmmsg`, each one GRO
     /// train of up to 64 datagrams; decrypted packets go to the TUN once per batch.
-    /// With [`handover::LIGHT_PATH`] the site's reader also serves the TUN while traffic is
-    /// light (see [`handover`]).
+    /// The site's reader also serves the TUN while traffic is light (see [`handover`]).
     fn udp_reader(&self, via: Via) {
         const BATCH: usize = quinn_udp::BATCH_SIZE;
         let wire = match (via, &self.ipsec) {
