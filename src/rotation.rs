@@ -224,9 +224,8 @@ impl Task {
         self.connected().await?.keep_login(margin).await?;
         if let Some((key, version)) = self.unpublished.take() {
             match self.publish_and_schedule(key.clone(), version).await {
-                Ok(PublishOutcome::Ours) => {}
-                // follow_own() below adopts the newer one.
-                Ok(PublishOutcome::Newer(_)) => self.dp.cancel_announced_key(),
+                // A newer one is adopted by follow_own() below.
+                Ok(_) => {}
                 Err(e) => {
                     self.unpublished = Some((key, version));
                     return Err(e);
@@ -464,7 +463,6 @@ impl Task {
             Ok(PublishOutcome::Newer(q)) => {
                 // A second daemon on this Vault path stored a version on top of ours and
                 // published it first: ours is never used.
-                self.dp.cancel_announced_key();
                 tracing::info!(
                     version,
                     newer = q.version,
@@ -500,8 +498,9 @@ impl Task {
         ))
     }
 
-    /// Publishes our new key and schedules the switch to it, unless a newer version is
-    /// published already (then nothing is scheduled).
+    /// Announces and publishes our new key and schedules the switch to it, unless a newer
+    /// version is published already (then the announcement is withdrawn and nothing is
+    /// scheduled).
     async fn publish_and_schedule(
         &mut self,
         key: PrivateKey,
@@ -517,6 +516,7 @@ impl Task {
         };
         self.dp.announce_key(key.clone());
         if let Some(newer) = self.connected().await?.publish(&public_path, &p).await? {
+            self.dp.cancel_announced_key();
             return Ok(PublishOutcome::Newer(newer));
         }
         self.published = Some(p);

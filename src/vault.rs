@@ -411,11 +411,7 @@ impl Vault {
         };
         match self.write_cas(path, &secret, cas as u32).await {
             Ok(v) => Ok(CasWrite::Written(v)),
-            Err(ClientError::APIError { code: 400, errors })
-                if errors.iter().any(|e| e.contains("check-and-set")) =>
-            {
-                Ok(CasWrite::Conflict)
-            }
+            Err(e) if is_cas_conflict(&e) => Ok(CasWrite::Conflict),
             Err(e) => bail!(
                 "writing a new site key to {}/{path} (Vault at {}) failed: {}",
                 self.mount,
@@ -471,8 +467,7 @@ impl Vault {
             match self.write_cas(path, &published, cas as u32).await {
                 Ok(_) => return Ok(None),
                 // Someone published between our read and write: look again.
-                Err(ClientError::APIError { code: 400, errors })
-                    if errors.iter().any(|e| e.contains("check-and-set")) => {}
+                Err(e) if is_cas_conflict(&e) => {}
                 Err(e) => return Err(failed(&e)),
             }
         }
@@ -590,6 +585,12 @@ impl Vault {
         self.record("write", &r);
         r.map(|m| m.version)
     }
+}
+
+/// Vault refused a write because the secret's version was not the check-and-set one.
+fn is_cas_conflict(e: &ClientError) -> bool {
+    matches!(e, ClientError::APIError { code: 400, errors }
+        if errors.iter().any(|e| e.contains("check-and-set")))
 }
 
 fn published_from(path: &str, data: &HashMap<String, serde_json::Value>) -> Result<Published> {
