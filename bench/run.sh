@@ -13,7 +13,9 @@
 #               tunnel CPU-s (both daemons, utime+stime of all threads) and CPU-s per GB
 #   tcp4        the same with -P 4
 #   udp_search  highest offered UDP rate with <= 0.5 % loss (3 s probes, doubling
-#               from 100 Mbit/s, then 5 bisection steps); delivered Gbit/s
+#               from 100 Mbit/s, then 5 bisection steps); delivered Gbit/s. Each probe's
+#               log line says where datagrams were dropped: the sender's TUN queue, the
+#               receiving daemon's socket or the receiving iperf3's socket
 #
 # Usage:
 #   bench/run.sh [--rounds N] [--impls "sitewire wireguard-go boringtun"]
@@ -502,15 +504,35 @@ measure_tcp() { # name streams
 }
 
 UDP_LOSS=""; UDP_RX=""
+# Where UDP probes lose datagrams: "A B C" = packets the sender's TUN dropped (its queue
+# was full: the sending daemon fell behind), datagrams the receiving daemon's UDP socket
+# dropped, and all UDP receive-buffer drops in the receiving namespace (the daemon's
+# socket and the receiving iperf3's).
+udp_drop_counters() {
+  local tun sock rcv
+  tun=$(ip netns exec "$NS_A" cat "/sys/class/net/$TUN_A/statistics/tx_dropped" 2>/dev/null || echo 0)
+  sock=$(ip netns exec "$NS_B" cat /proc/net/udp /proc/net/udp6 2>/dev/null |
+    awk -v port="$(printf ':%04X' "$WG_PORT")" 'substr($2, length($2) - 4) == port { s += $NF } END { print s + 0 }')
+  rcv=$(ip netns exec "$NS_B" cat /proc/net/snmp /proc/net/snmp6 2>/dev/null | awk '
+    $1 == "Udp:" { if (!seen) { for (i = 2; i <= NF; i++) if ($i == "RcvbufErrors") col = i; seen = 1 } else if (col) s += $col }
+    $1 == "Udp6RcvbufErrors" { s += $2 }
+    END { print s + 0 }')
+  echo "$tun $sock $rcv"
+}
+
 udp_probe() { # rate-bit/s datagram-len -> UDP_LOSS (%), UDP_RX (bit/s)
-  local json="$RUNDIR/udp-search-$1.json"
+  local json="$RUNDIR/udp-search-$1.json" t0 s0 r0 t1 s1 r1
+  read -r t0 s0 r0 < <(udp_drop_counters)
   iperf_client "$json" $((SWBENCH_UDP_PROBE_S + 30)) -u -b "$1" -l "$2" -t "$SWBENCH_UDP_PROBE_S" \
     ${SWBENCH_UDP_BUFFER:+-w "$SWBENCH_UDP_BUFFER"} ||
     die "iperf3 UDP probe at $1 bit/s failed: $(jq -r '.error // empty' "$json" 2>/dev/null)"
   read -r UDP_LOSS UDP_RX < <(jq -r '[(.end.sum_received.lost_percent // .end.sum.lost_percent),
       .end.sum_received.bits_per_second] | @tsv' "$json")
   [[ -n $UDP_LOSS && -n $UDP_RX ]] || die "could not parse $json"
-  log "udp_search: offered $1 bit/s -> delivered $UDP_RX bit/s, loss $UDP_LOSS %"
+  read -r t1 s1 r1 < <(udp_drop_counters)
+  log "udp_search: offered $1 bit/s -> delivered $UDP_RX bit/s, loss $UDP_LOSS %" \
+    "(dropped: sender TUN queue $((t1 - t0)), receiving daemon's socket $((s1 - s0))," \
+    "receiving iperf3's socket $(((r1 - r0) - (s1 - s0))))"
 }
 lossy() { awk -v l="$1" -v m="$SWBENCH_UDP_MAX_LOSS" 'BEGIN { exit !(l > m) }'; }
 measure_udp_search() {
