@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::site::{tunnel_status, wait_tunnel_up, SiteConfig};
+use support::site::{tunnel_status, wait_tunnel_up, SitePair};
 use support::{prereq, wait_until, Proc, Site, Topo};
 
 struct Pair {
@@ -23,35 +23,19 @@ fn pair(tag: &str, b_local: Option<&str>) -> Pair {
     let t = Topo::new(tag);
     let (if_a, if_b) = (t.ifname("ia"), t.ifname("ib"));
     let (ka, kb) = (t.sitewire_key("a"), t.sitewire_key("b"));
-    let port = t.port(0);
-    let ep_a = vec![format!("{}:{port}", t.underlay_b)];
-    let ep_b = vec![format!("{}:{port}", t.underlay_a)];
-    let cfg_a = SiteConfig {
-        name: "a",
-        iface: &if_a,
-        port,
-        key_path: &ka.path,
-        tunnel: "to-b",
-        peer_public: &kb.public,
-        endpoints: &ep_a,
-        local: &t.subnet_a,
-        remote: &t.subnet_b,
-        extra: IKE,
+    let (cfg_a, cfg_b) = SitePair {
+        if_a: &if_a,
+        if_b: &if_b,
+        key_a: &ka,
+        key_b: &kb,
+        port: t.port(0),
+        endpoints_a: None,
+        endpoints_b: None,
+        local_b: b_local,
+        extra_a: IKE,
+        extra_b: IKE,
     }
-    .render();
-    let cfg_b = SiteConfig {
-        name: "b",
-        iface: &if_b,
-        port,
-        key_path: &kb.path,
-        tunnel: "to-a",
-        peer_public: &ka.public,
-        endpoints: &ep_b,
-        local: b_local.unwrap_or(&t.subnet_b),
-        remote: &t.subnet_a,
-        extra: IKE,
-    }
-    .render();
+    .render(&t);
     let b = t.start_sitewire(Site::B, "b", &cfg_b);
     let a = t.start_sitewire(Site::A, "a", &cfg_a);
     Pair {

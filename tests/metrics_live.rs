@@ -19,7 +19,7 @@ use metrics_support::{
     dashboard_targets, exposed_families, http_get, metric_names, parse_samples, prom_query,
     rules_exprs, substitute_grafana_vars, variable_queries, GRAFANA_DIR,
 };
-use support::site::{wait_tunnel_up, SiteConfig};
+use support::site::{wait_tunnel_up, SitePair};
 use support::{prereq, wait_until, Site, Topo};
 
 /// Families this build announces but has no source for yet (no Vault client): their
@@ -54,34 +54,19 @@ fn two_sites_with_metrics(tag: &str) -> Sites {
         extra(&metrics_a, topo.host_b),
         extra(&metrics_b, topo.host_a),
     );
-    let ep_a = vec![format!("{}:{port}", topo.underlay_b)];
-    let ep_b = vec![format!("{}:{port}", topo.underlay_a)];
-    let cfg_a = SiteConfig {
-        name: "a",
-        iface: &if_a,
+    let (cfg_a, cfg_b) = SitePair {
+        if_a: &if_a,
+        if_b: &if_b,
+        key_a: &ka,
+        key_b: &kb,
         port,
-        key_path: &ka.path,
-        tunnel: "to-b",
-        peer_public: &kb.public,
-        endpoints: &ep_a,
-        local: &topo.subnet_a,
-        remote: &topo.subnet_b,
-        extra: &extra_a,
+        endpoints_a: None,
+        endpoints_b: None,
+        local_b: None,
+        extra_a: &extra_a,
+        extra_b: &extra_b,
     }
-    .render();
-    let cfg_b = SiteConfig {
-        name: "b",
-        iface: &if_b,
-        port,
-        key_path: &kb.path,
-        tunnel: "to-a",
-        peer_public: &ka.public,
-        endpoints: &ep_b,
-        local: &topo.subnet_b,
-        remote: &topo.subnet_a,
-        extra: &extra_b,
-    }
-    .render();
+    .render(&topo);
     let b = topo.start_sitewire(Site::B, "b", &cfg_b);
     let a = topo.start_sitewire(Site::A, "a", &cfg_a);
     Sites {

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::site::{status, tunnel_status, wait_tunnel_up, SiteConfig};
+use support::site::{status, tunnel_status, wait_tunnel_up, SiteConfig, SitePair};
 use support::{prereq, wait_until, Site, Topo};
 
 struct Pair {
@@ -24,42 +24,19 @@ fn two_sites(tag: &str, a_endpoints: Option<Endpoints<'_>>, b_has_endpoint: bool
     let topo = Topo::new(tag);
     let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
     let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
-    let port = topo.port(0);
-    let ep_a = match a_endpoints {
-        Some(f) => f(&topo),
-        None => vec![format!("{}:{port}", topo.underlay_b)],
-    };
-    let ep_b = if b_has_endpoint {
-        vec![format!("{}:{port}", topo.underlay_a)]
-    } else {
-        vec![]
-    };
-    let cfg_a = SiteConfig {
-        name: "a",
-        iface: &if_a,
-        port,
-        key_path: &ka.path,
-        tunnel: "to-b",
-        peer_public: &kb.public,
-        endpoints: &ep_a,
-        local: &topo.subnet_a,
-        remote: &topo.subnet_b,
-        extra: "",
+    let (cfg_a, cfg_b) = SitePair {
+        if_a: &if_a,
+        if_b: &if_b,
+        key_a: &ka,
+        key_b: &kb,
+        port: topo.port(0),
+        endpoints_a: a_endpoints.map(|f| f(&topo)),
+        endpoints_b: (!b_has_endpoint).then(Vec::new),
+        local_b: None,
+        extra_a: "",
+        extra_b: "",
     }
-    .render();
-    let cfg_b = SiteConfig {
-        name: "b",
-        iface: &if_b,
-        port,
-        key_path: &kb.path,
-        tunnel: "to-a",
-        peer_public: &ka.public,
-        endpoints: &ep_b,
-        local: &topo.subnet_b,
-        remote: &topo.subnet_a,
-        extra: "",
-    }
-    .render();
+    .render(&topo);
     let b = topo.start_sitewire(Site::B, "b", &cfg_b);
     let a = topo.start_sitewire(Site::A, "a", &cfg_a);
     Pair {

@@ -139,6 +139,58 @@ impl SiteConfig<'_> {
     }
 }
 
+/// Sites a and b joined by one WireGuard tunnel (`to-b` at a, `to-a` at b) on one port.
+/// Each names the other's underlay address as its endpoint unless told otherwise.
+pub struct SitePair<'a> {
+    pub if_a: &'a str,
+    pub if_b: &'a str,
+    pub key_a: &'a SiteKey,
+    pub key_b: &'a SiteKey,
+    pub port: u16,
+    /// Site a's endpoints instead of b's underlay address.
+    pub endpoints_a: Option<Vec<String>>,
+    /// Site b's endpoints instead of a's underlay address (empty: b waits to be reached).
+    pub endpoints_b: Option<Vec<String>>,
+    /// Site b's local subnet instead of `subnet_b` (a traffic-selector mismatch).
+    pub local_b: Option<&'a str>,
+    pub extra_a: &'a str,
+    pub extra_b: &'a str,
+}
+
+impl SitePair<'_> {
+    /// The rendered configs of site a and site b.
+    pub fn render(&self, t: &Topo) -> (String, String) {
+        let to = |addr| vec![format!("{addr}:{}", self.port)];
+        let ep_a = self.endpoints_a.clone().unwrap_or_else(|| to(t.underlay_b));
+        let ep_b = self.endpoints_b.clone().unwrap_or_else(|| to(t.underlay_a));
+        let a = SiteConfig {
+            name: "a",
+            iface: self.if_a,
+            port: self.port,
+            key_path: &self.key_a.path,
+            tunnel: "to-b",
+            peer_public: &self.key_b.public,
+            endpoints: &ep_a,
+            local: &t.subnet_a,
+            remote: &t.subnet_b,
+            extra: self.extra_a,
+        };
+        let b = SiteConfig {
+            name: "b",
+            iface: self.if_b,
+            port: self.port,
+            key_path: &self.key_b.path,
+            tunnel: "to-a",
+            peer_public: &self.key_a.public,
+            endpoints: &ep_b,
+            local: self.local_b.unwrap_or(&t.subnet_b),
+            remote: &t.subnet_a,
+            extra: self.extra_b,
+        };
+        (a.render(), b.render())
+    }
+}
+
 /// A site with one IPsec tunnel named `hq` (`extra` adds keys to the tunnel).
 pub struct IpsecSite<'a> {
     pub name: &'a str,
