@@ -327,6 +327,16 @@ fn running_sockets() -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// One site's answer as a JSON object, several sites' as an array.
+fn print_json<T: serde::Serialize>(answers: &[T]) -> Result<()> {
+    let v = match answers {
+        [one] => serde_json::to_string_pretty(one)?,
+        all => serde_json::to_string_pretty(all)?,
+    };
+    println!("{v}");
+    Ok(())
+}
+
 async fn reload(
     config: Option<PathBuf>,
     interface: Option<String>,
@@ -362,12 +372,7 @@ async fn reload(
         }
     }
     if json {
-        let v = if outcomes.len() == 1 {
-            serde_json::to_string_pretty(&outcomes[0])?
-        } else {
-            serde_json::to_string_pretty(&outcomes)?
-        };
-        println!("{v}");
+        print_json(&outcomes)?;
     }
     Ok(if ok {
         ExitCode::SUCCESS
@@ -437,12 +442,7 @@ async fn status(
         }
     }
     if json {
-        let v = if all.len() == 1 {
-            serde_json::to_string_pretty(&all[0])?
-        } else {
-            serde_json::to_string_pretty(&all)?
-        };
-        println!("{v}");
+        print_json(&all)?;
     } else {
         for st in &all {
             print!("{}", st.render());

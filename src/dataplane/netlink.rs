@@ -137,13 +137,8 @@ impl Netlink {
             .execute()
             .try_next()
             .await;
-        let link = match found {
-            Ok(Some(l)) => l,
-            Ok(None) => return Ok(None),
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -19 /* ENODEV */ => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e).with_context(|| format!("looking up interface {name}")),
+        let Some(link) = absent_if_no_device(found, name)? else {
+            return Ok(None);
         };
         let mut info = LinkInfo {
             index: link.header.index,
@@ -175,13 +170,8 @@ impl Netlink {
             .execute()
             .try_next()
             .await;
-        let link = match found {
-            Ok(Some(l)) => l,
-            Ok(None) => return Ok(None),
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -19 /* ENODEV */ => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e).with_context(|| format!("looking up interface {index}")),
+        let Some(link) = absent_if_no_device(found, index)? else {
+            return Ok(None);
         };
         Ok(link.attributes.iter().find_map(|a| match a {
             LinkAttribute::IfName(n) => Some(n.clone()),
@@ -303,4 +293,17 @@ impl Netlink {
 
 fn is_exists(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -17 /* EEXIST */)
+}
+
+/// A link lookup's answer: `None` when there is no such device (ENODEV), the error with
+/// the interface named otherwise.
+fn absent_if_no_device<T>(
+    found: Result<Option<T>, rtnetlink::Error>,
+    name: impl std::fmt::Display,
+) -> Result<Option<T>> {
+    match found {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -19 /* ENODEV */ => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
+    }
 }
