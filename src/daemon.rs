@@ -245,6 +245,9 @@ pub async fn up(config_path: &Path) -> Result<()> {
         .name(&cfg.site.interface)
         .mtu(cfg.site.mtu)
         .tx_queue_len(TUN_QUEUE_LEN)
+        // Down until its addresses and IPv6 setting are in place (below): a TUN that
+        // comes up at once sends IPv6 router solicitations and MLD reports first.
+        .enable(false)
         .offload(true)
         .build_sync()
         .or_else(|e| {
@@ -253,6 +256,7 @@ pub async fn up(config_path: &Path) -> Result<()> {
                 .name(&cfg.site.interface)
                 .mtu(cfg.site.mtu)
                 .tx_queue_len(TUN_QUEUE_LEN)
+                .enable(false)
                 .build_sync()
         })
         .with_context(|| format!("creating TUN device {}", cfg.site.interface))?;

@@ -121,6 +121,63 @@ fn two_sites_pass_ping_and_tcp_both_ways() {
     drop(p.b);
 }
 
+/// On a host with IPv6 on, an IPv4-only site's TUN gets no IPv6 at all: it comes up
+/// only after IPv6 is off on it, so it sends no router solicitation or MLD report that the
+/// site would have to drop (and count) for want of a route.
+#[test]
+fn ipv4_only_site_sends_no_ipv6_on_a_host_with_ipv6() {
+    if !prereq(&["ping", "sysctl"]) {
+        return;
+    }
+    let t = Topo::new("nov6");
+    for ns in [&t.ns_a, &t.ns_b] {
+        t.exec_ok(
+            ns,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+            ],
+        );
+    }
+    let (if_a, if_b) = (t.ifname("na"), t.ifname("nb"));
+    let (ka, kb) = (t.sitewire_key("a"), t.sitewire_key("b"));
+    let (cfg_a, cfg_b) = SitePair {
+        if_a: &if_a,
+        if_b: &if_b,
+        key_a: &ka,
+        key_b: &kb,
+        port: t.port(0),
+        endpoints_a: None,
+        endpoints_b: None,
+        local_b: None,
+        extra_a: "",
+        extra_b: "",
+    }
+    .render(&t);
+    let _b = t.start_sitewire(Site::B, "b", &cfg_b);
+    let a = t.start_sitewire(Site::A, "a", &cfg_a);
+    assert!(
+        wait_tunnel_up(&if_a, "to-b", Duration::from_secs(10)),
+        "{}",
+        a.log()
+    );
+    assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(5)));
+    // A fresh IPv6 link sends its MLD report at once and a router solicitation within
+    // about a second of duplicate address detection.
+    std::thread::sleep(Duration::from_secs(3));
+    for (ns, iface) in [(&t.ns_a, &if_a), (&t.ns_b, &if_b)] {
+        let v6 = t.exec_ok(ns, &["ip", "-6", "addr", "show", "dev", iface]);
+        assert!(v6.trim().is_empty(), "{iface} has IPv6: {v6}");
+        let drops = &status(iface)["drops"];
+        assert!(
+            drops.as_object().is_none_or(|d| d.is_empty()),
+            "{iface} dropped packets: {drops}"
+        );
+    }
+}
+
 #[test]
 fn responder_without_endpoint_learns_it() {
     if !prereq(&["ping"]) {
