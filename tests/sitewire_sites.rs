@@ -91,6 +91,14 @@ fn two_sites_pass_ping_and_tcp_both_ways() {
         "tx {tx} implausibly large"
     );
 
+    // The journal says when the tunnel came up, and to where.
+    let up = format!(
+        "tunnel up: handshake complete tunnel=to-b endpoint={}:{}",
+        t.underlay_b,
+        t.port(0)
+    );
+    assert!(p.a.log().contains(&up), "no {up:?} in:\n{}", p.a.log());
+
     let st = status(&p.if_a);
     assert_eq!(st["site"], "a");
     let tun = &st["tunnels"][0];

@@ -189,6 +189,8 @@ pub struct WgTunnel {
     last_handshake_ns: AtomicU64,
     /// boringtun reported ConnectionExpired: handshakes failed for 90 s.
     expired: AtomicBool,
+    /// A session was up at the last tick (to log when the tunnel comes up or lapses).
+    was_up: AtomicBool,
     /// Our unanswered initiations, to time the handshake RTT to the microsecond
     /// (boringtun's own `last_rtt` is whole milliseconds).
     initiations: Mutex<VecDeque<(u32, Instant)>>,
@@ -274,6 +276,7 @@ impl WgTunnel {
             stats: TunnelStats::default(),
             last_handshake_ns: AtomicU64::new(0),
             expired: AtomicBool::new(false),
+            was_up: AtomicBool::new(false),
             initiations: Mutex::new(VecDeque::new()),
             passive: Mutex::new(PassiveDpd {
                 rx_packets: 0,
@@ -540,6 +543,18 @@ impl WgTunnel {
         let has_session = since.is_some_and(|s| s < SESSION_LIFETIME);
         if has_session {
             self.expired.store(false, Relaxed);
+        }
+        if has_session != self.was_up.swap(has_session, Relaxed) {
+            match (has_session, live.endpoint) {
+                (true, Some(endpoint)) => {
+                    tracing::info!(tunnel = %self.spec.name, %endpoint, "tunnel up: handshake complete")
+                }
+                (true, None) => {
+                    tracing::info!(tunnel = %self.spec.name, "tunnel up: handshake complete")
+                }
+                // An idle tunnel's session lapses too; the next packet starts a handshake.
+                (false, _) => tracing::debug!(tunnel = %self.spec.name, "session expired"),
+            }
         }
         let restart = self.passive_dpd(now) && self.spec.dpd.action == DpdAction::Restart;
         let mut eps = lock(&self.endpoints);
