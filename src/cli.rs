@@ -34,17 +34,39 @@ enum LogFormat {
     Json,
 }
 
+/// A site's configuration file, given as `-c FILE` or as just `FILE`.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The site's configuration file.
+    #[arg(short, long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The site's configuration file (the same as -c FILE).
+    #[arg(
+        value_name = "FILE",
+        conflicts_with = "config",
+        required_unless_present = "config"
+    )]
+    file: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    fn path(self) -> PathBuf {
+        // clap makes sure one of the two is given.
+        self.config.or(self.file).unwrap_or_default()
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a site in the foreground (SIGINT/SIGTERM stop it cleanly).
     Up {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Validate a configuration file and list every problem found.
     Check {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Print a new private key (base64), like `wg genkey`.
     Keygen,
@@ -98,8 +120,8 @@ enum Command {
     /// Troubleshoot a site: config, TUN, port, keys, DNS, routes, MTU, clock; each check
     /// prints ok/warn/fail with a one-line fix. Exits non-zero if any check fails.
     Doctor {
-        #[arg(short, long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Keys in Vault / OpenBao.
     Vault {
@@ -175,6 +197,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Up { config } => {
+            let config = config.path();
             init_logging(cli.log_format, &cli.log_level)?;
             // On a worker, not the main thread: the daemon's timers then fire where
             // tokio's driver runs, without waking the main thread and the driver again
@@ -186,7 +209,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => Ok(check(&config)),
+        Command::Check { config } => Ok(check(&config.path())),
         Command::Keygen => {
             let k = PrivateKey::generate();
             let mut out = std::io::stdout().lock();
@@ -224,7 +247,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interface,
         } => runtime()?.block_on(rotate(tunnel, key, config, interface)),
         Command::Doctor { config } => {
-            let ok = runtime()?.block_on(crate::doctor::main(&config));
+            let ok = runtime()?.block_on(crate::doctor::main(&config.path()));
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

@@ -108,5 +108,19 @@ remote_subnets = ["192.168.50.0/33"]
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The file may also be named without -c, with the same verdicts; not both ways at once.
+    let run = |args: &[&str]| Command::new(sitewire_bin()).args(args).output().unwrap();
+    let (good, bad) = (good.to_str().unwrap(), cfg.to_str().unwrap());
+    assert!(run(&["check", good]).status.success());
+    let out = run(&["check", bad]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+    let out = run(&["check", "-c", good, bad]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
