@@ -24,16 +24,10 @@ fn pair(tag: &str, b_local: Option<&str>) -> Pair {
     let (if_a, if_b) = (t.ifname("ia"), t.ifname("ib"));
     let (ka, kb) = (t.sitewire_key("a"), t.sitewire_key("b"));
     let (cfg_a, cfg_b) = SitePair {
-        if_a: &if_a,
-        if_b: &if_b,
-        key_a: &ka,
-        key_b: &kb,
-        port: t.port(0),
-        endpoints_a: None,
-        endpoints_b: None,
         local_b: b_local,
         extra_a: IKE,
         extra_b: IKE,
+        ..SitePair::new(&if_a, &if_b, &ka, &kb, t.port(0))
     }
     .render(&t);
     let b = t.start_sitewire(Site::B, "b", &cfg_b);

@@ -55,16 +55,9 @@ fn two_sites_with_metrics(tag: &str) -> Sites {
         extra(&metrics_b, topo.host_a),
     );
     let (cfg_a, cfg_b) = SitePair {
-        if_a: &if_a,
-        if_b: &if_b,
-        key_a: &ka,
-        key_b: &kb,
-        port,
-        endpoints_a: None,
-        endpoints_b: None,
-        local_b: None,
         extra_a: &extra_a,
         extra_b: &extra_b,
+        ..SitePair::new(&if_a, &if_b, &ka, &kb, port)
     }
     .render(&topo);
     let b = topo.start_sitewire(Site::B, "b", &cfg_b);

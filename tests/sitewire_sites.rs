@@ -25,16 +25,9 @@ fn two_sites(tag: &str, a_endpoints: Option<Endpoints<'_>>, b_has_endpoint: bool
     let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
     let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
     let (cfg_a, cfg_b) = SitePair {
-        if_a: &if_a,
-        if_b: &if_b,
-        key_a: &ka,
-        key_b: &kb,
-        port: topo.port(0),
         endpoints_a: a_endpoints.map(|f| f(&topo)),
         endpoints_b: (!b_has_endpoint).then(Vec::new),
-        local_b: None,
-        extra_a: "",
-        extra_b: "",
+        ..SitePair::new(&if_a, &if_b, &ka, &kb, topo.port(0))
     }
     .render(&topo);
     let b = topo.start_sitewire(Site::B, "b", &cfg_b);
@@ -151,19 +144,7 @@ fn ipv4_only_site_sends_no_ipv6_on_a_host_with_ipv6() {
     }
     let (if_a, if_b) = (t.ifname("na"), t.ifname("nb"));
     let (ka, kb) = (t.sitewire_key("a"), t.sitewire_key("b"));
-    let (cfg_a, cfg_b) = SitePair {
-        if_a: &if_a,
-        if_b: &if_b,
-        key_a: &ka,
-        key_b: &kb,
-        port: t.port(0),
-        endpoints_a: None,
-        endpoints_b: None,
-        local_b: None,
-        extra_a: "",
-        extra_b: "",
-    }
-    .render(&t);
+    let (cfg_a, cfg_b) = SitePair::new(&if_a, &if_b, &ka, &kb, t.port(0)).render(&t);
     let _b = t.start_sitewire(Site::B, "b", &cfg_b);
     let a = t.start_sitewire(Site::A, "a", &cfg_a);
     assert!(

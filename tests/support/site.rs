@@ -157,7 +157,29 @@ pub struct SitePair<'a> {
     pub extra_b: &'a str,
 }
 
-impl SitePair<'_> {
+impl<'a> SitePair<'a> {
+    /// Both sites with default endpoints and subnets and no extra keys.
+    pub fn new(
+        if_a: &'a str,
+        if_b: &'a str,
+        key_a: &'a SiteKey,
+        key_b: &'a SiteKey,
+        port: u16,
+    ) -> Self {
+        Self {
+            if_a,
+            if_b,
+            key_a,
+            key_b,
+            port,
+            endpoints_a: None,
+            endpoints_b: None,
+            local_b: None,
+            extra_a: "",
+            extra_b: "",
+        }
+    }
+
     /// The rendered configs of site a and site b.
     pub fn render(&self, t: &Topo) -> (String, String) {
         let to = |addr| vec![format!("{addr}:{}", self.port)];
