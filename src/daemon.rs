@@ -241,23 +241,21 @@ pub async fn up(config_path: &Path) -> Result<()> {
     crate::cleanup::before_tun(&netlink, &cfg.site.interface).await?;
     // Offload (virtio-net headers, TSO/USO) lets one read carry a whole TCP burst; a
     // kernel without it gets a plain device and one packet per read.
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&cfg.site.interface)
-        .mtu(cfg.site.mtu)
-        .tx_queue_len(TUN_QUEUE_LEN)
-        // Down until its addresses and IPv6 setting are in place (below): a TUN that
-        // comes up at once sends IPv6 router solicitations and MLD reports first.
-        .enable(false)
-        .offload(true)
-        .build_sync()
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(&cfg.site.interface)
+            .mtu(cfg.site.mtu)
+            .tx_queue_len(TUN_QUEUE_LEN)
+            // Down until its addresses and IPv6 setting are in place (below): a TUN that
+            // comes up at once sends IPv6 router solicitations and MLD reports first.
+            .enable(false)
+            .offload(offload)
+            .build_sync()
+    };
+    let tun = build(true)
         .or_else(|e| {
             tracing::info!(error = %e, "TUN offload unavailable; using a plain TUN device");
-            tun_rs::DeviceBuilder::new()
-                .name(&cfg.site.interface)
-                .mtu(cfg.site.mtu)
-                .tx_queue_len(TUN_QUEUE_LEN)
-                .enable(false)
-                .build_sync()
+            build(false)
         })
         .with_context(|| format!("creating TUN device {}", cfg.site.interface))?;
     let ifindex = netlink.link_index(&cfg.site.interface).await?;
