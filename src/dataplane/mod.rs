@@ -794,25 +794,29 @@ impl Dataplane {
     pub fn run_tun_reader(self: Arc<Self>) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let hand = &self.handover;
-        let mut small = 0;
+        let mut lone = handover::LoneDrains::default();
         loop {
             if !hand.heavy() {
                 // The UDP reader serves the TUN; wait until it hands it over.
                 let mut fds = [PollFd::new(hand.tun_reader.fd(), PollFlags::POLLIN)];
                 let _ = poll(&mut fds, PollTimeout::NONE);
                 hand.tun_reader.clear();
-                small = 0;
+                lone.reset();
                 continue;
             }
-            let packets = match self.drain_tun(&mut self.lock_tun_path(), true) {
-                Ok(n) => n,
+            let drained = {
+                let mut path = self.lock_tun_path();
+                self.drain_tun(&mut path, true)
+                    .map(|packets| (packets, path.pace.streaming()))
+            };
+            let (packets, streaming) = match drained {
+                Ok(drained) => drained,
                 Err(e) => {
                     tracing::error!(error = %e, "reading the TUN device failed; stopping the TUN reader");
                     return;
                 }
             };
-            small = if packets <= 1 { small + 1 } else { 0 };
-            if small >= handover::LIGHT_AFTER_SMALL_DRAINS {
+            if lone.after_drain(packets, streaming, hand.take_delivered()) {
                 hand.to_light();
                 continue;
             }
@@ -981,6 +985,9 @@ impl Dataplane {
                     }
                     let wrote = !rx.is_empty();
                     rx.flush(&self.tun);
+                    if wrote {
+                        hand.delivered();
+                    }
                     self.drops
                         .add_n(DropReason::IoError, std::mem::take(&mut rx.failed));
                     // The kernel often answers within the write (an echo reply, an
