@@ -9,7 +9,7 @@
 //! waiting on the TUN, so nobody is woken. Once a drain of the TUN brings a burst
 //! (a TSO super-packet, a stream of datagrams), the TUN reader takes over so both
 //! directions run on their own cores again, and it hands back after the TUN has been
-//! quiet for a while.
+//! quiet for a while or its packets come one at a time again ([`LoneDrains`]).
 //!
 //! Only the current owner reads the TUN, and it flips the owner itself (light -> heavy
 //! by the UDP reader, heavy -> light by the TUN reader), under the lock of the TUN
