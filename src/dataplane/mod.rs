@@ -790,7 +790,7 @@ impl Dataplane {
     ///
     /// With TUN offload a read is a TSO super-packet that `recv_multiple` splits into
     /// MTU-sized segments; their datagrams leave as UDP GSO trains once the TUN is
-    /// drained (or every [`TUN_DRAIN_MAX`] packets).
+    /// drained (or every `TUN_DRAIN_MAX` packets).
     pub fn run_tun_reader(self: Arc<Self>) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let hand = &self.handover;

@@ -31,7 +31,7 @@ pub const PRF_PLUS_MAX: usize = 255 * PRF_LEN;
 /// "Key Pad for IKEv2" (§2.15), 17 ASCII octets, no NUL.
 pub const KEY_PAD: &[u8] = b"Key Pad for IKEv2";
 
-/// prf(key, data[0] | data[1] | ...) with HMAC-SHA-256.
+/// `prf(key, data[0] | data[1] | ...)` with HMAC-SHA-256.
 pub fn prf(key: &[u8], data: &[&[u8]]) -> [u8; PRF_LEN] {
     let key = hmac::Key::new(hmac::HMAC_SHA256, key);
     let mut ctx = hmac::Context::with_key(&key);
