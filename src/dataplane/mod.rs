@@ -28,7 +28,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -40,7 +40,7 @@ use crate::proto::demux::{self, Datagram};
 use crate::proto::ike::engine::Via;
 use batch::{TunBatch, TxBatch};
 use esp::{EspTunnel, SpiMap};
-use handover::Handover;
+use handover::{DryTun, Handover};
 use router::Router;
 use stats::{DropReason, Drops};
 use wg::{Target, WgTunnel, WgTunnelSpec};
@@ -795,6 +795,8 @@ impl Dataplane {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let hand = &self.handover;
         let mut lone = handover::LoneDrains::default();
+        // How long the last `poll` slept.
+        let mut slept = Duration::MAX;
         loop {
             if !hand.heavy() {
                 // The UDP reader serves the TUN; wait until it hands it over.
@@ -802,11 +804,12 @@ impl Dataplane {
                 let _ = poll(&mut fds, PollTimeout::NONE);
                 hand.tun_reader.clear();
                 lone.reset();
+                slept = Duration::MAX;
                 continue;
             }
             let drained = {
                 let mut path = self.lock_tun_path();
-                self.drain_tun(&mut path, true)
+                self.drain_tun(&mut path, DryTun::after_sleep(slept))
                     .map(|packets| (packets, path.pace.streaming()))
             };
             let (packets, streaming) = match drained {
@@ -824,10 +827,12 @@ impl Dataplane {
                 PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
                 PollFd::new(hand.tun_reader.fd(), PollFlags::POLLIN),
             ];
+            let asleep = Instant::now();
             match poll(&mut fds, PollTimeout::from(handover::LIGHT_AFTER_IDLE_MS)) {
                 Ok(0) => hand.to_light(),
                 _ => hand.tun_reader.clear(),
             }
+            slept = asleep.elapsed();
         }
     }
 
@@ -837,9 +842,9 @@ impl Dataplane {
 
     /// Read the TUN, encrypt and send until it has nothing more; everything read has
     /// left when this returns. Without a non-blocking TUN every read blocks: then one
-    /// read per call. With `patient`, an empty TUN gets one more look after a yield of
-    /// the CPU while packets come as a stream (see below). Returns the packets read.
-    fn drain_tun(&self, path: &mut TunPath, patient: bool) -> io::Result<usize> {
+    /// read per call. `dry` says whether an empty TUN gets more looks while packets
+    /// come as a stream (see below). Returns the packets read.
+    fn drain_tun(&self, path: &mut TunPath, dry: DryTun) -> io::Result<usize> {
         let TunPath {
             raw,
             bufs,
@@ -855,13 +860,18 @@ impl Dataplane {
         // Loaded at the first packet, not before a read that may block.
         let mut routes = None;
         let mut result = Ok(());
-        let mut yielded = !patient;
+        // What an empty TUN gets: `dry` once the first packet shows a stream.
+        let mut when_dry = DryTun::Stop;
+        let mut looks = 0;
+        let mut dry_since = None;
         loop {
             match self.tun.recv_multiple(raw, bufs, sizes, 0) {
                 Ok(n) => {
                     if total == 0 {
                         pace.arrived(Instant::now());
-                        yielded |= !pace.streaming();
+                        if pace.streaming() {
+                            when_dry = dry;
+                        }
                     }
                     let routes = routes.get_or_insert_with(|| self.routes());
                     for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
@@ -881,15 +891,22 @@ impl Dataplane {
                 }
                 // Empty: send what we have, then, under a stream, give the CPU to
                 // whoever is ready to run (often the sender feeding the TUN) and look
-                // once more before sleeping. Under a stream of single packets (UDP)
-                // this turns a sleep and wake-up per packet into batches.
+                // again before sleeping. Under a stream of single packets (UDP) this
+                // turns a sleep and wake-up per packet into batches.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if yielded {
-                        break;
-                    }
                     self.flush_tx(tx, esp_tx);
                     pending = 0;
-                    yielded = true;
+                    let dry_for = match when_dry {
+                        DryTun::Linger => {
+                            let now = Instant::now();
+                            now.saturating_duration_since(*dry_since.get_or_insert(now))
+                        }
+                        _ => Duration::ZERO,
+                    };
+                    if !when_dry.look_again(looks, dry_for) {
+                        break;
+                    }
+                    looks += 1;
                     std::thread::yield_now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -993,7 +1010,8 @@ impl Dataplane {
                     // The kernel often answers within the write (an echo reply, an
                     // ACK): while this thread serves the TUN, send that at once.
                     if wrote && serves_tun && !hand.heavy() {
-                        if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), false) {
+                        if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), DryTun::Stop)
+                        {
                             hand.after_light_drain(packets);
                         }
                     }
@@ -1054,7 +1072,7 @@ impl Dataplane {
             hand.udp_reader.clear();
         }
         if light && revents(&fds[2]) {
-            if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), true) {
+            if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), DryTun::YieldOnce) {
                 hand.after_light_drain(packets);
             }
         }
