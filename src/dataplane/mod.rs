@@ -804,6 +804,9 @@ impl Dataplane {
                 let _ = poll(&mut fds, PollTimeout::NONE);
                 hand.tun_reader.clear();
                 lone.reset();
+                // Deliveries while the UDP reader served the TUN do not count for the
+                // first drain: `LoneDrains` wants those since the drain before.
+                hand.take_delivered();
                 slept = Duration::MAX;
                 continue;
             }
