@@ -17,6 +17,7 @@
 
 pub mod batch;
 pub mod esp;
+pub mod gro;
 pub mod handover;
 pub mod netlink;
 pub mod router;
