@@ -2,17 +2,18 @@
 //!
 //! * [`TxBatch`]: encrypted datagrams to one endpoint, sent with one `sendmsg` as a UDP
 //!   GSO train (equal-sized segments, only the last may be shorter).
-//! * [`TunBatch`]: decrypted packets written to the TUN with `send_multiple`, which
-//!   coalesces TCP/UDP flows into GRO super-packets when the device has offload on.
+//! * [`TunBatch`]: decrypted packets written to the TUN, each TCP/UDP flow coalesced
+//!   into GSO super-packets ([`super::gro`]) when the device has offload on.
 //!
 //! Both own their buffers for the life of a packet thread: nothing on the hot path
 //! allocates. Failed sends are counted in `failed` for the thread to report as drops.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
-use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::gro::{self, Coalescer};
 use super::Wire;
 
 /// Largest UDP payload of one GSO train (the kernel limit is 64 KiB minus headers).
@@ -85,11 +86,11 @@ impl TxBatch {
     }
 }
 
-/// Decrypted packets waiting for one `send_multiple` to the TUN.
+/// Decrypted packets waiting to be written to the TUN.
 pub struct TunBatch {
     bufs: Vec<Vec<u8>>,
     len: usize,
-    gro: GROTable,
+    gro: Coalescer,
     /// Packets lost to failed writes since the owner last looked.
     pub failed: u64,
 }
@@ -103,13 +104,12 @@ impl Default for TunBatch {
 impl TunBatch {
     pub fn new() -> Self {
         Self {
-            // Capacity for a whole GRO super-packet: coalescing grows the first buffer
-            // of a flow in place. Pages are only touched as far as they are used.
+            // Pages are only touched as far as they are used.
             bufs: (0..IDEAL_BATCH_SIZE)
                 .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + super::MAX_PACKET))
                 .collect(),
             len: 0,
-            gro: GROTable::new(),
+            gro: Coalescer::new(),
             failed: 0,
         }
     }
@@ -138,26 +138,38 @@ impl TunBatch {
         }
         let n = self.len;
         self.len = 0;
-        let sent = if n == 1 {
+        // A failed write counts its packets as lost (EINTR aside: nothing was written).
+        let lost = |r: io::Result<usize>| r.is_err_and(|e| e.kind() != io::ErrorKind::Interrupted);
+        let mut failed = 0;
+        if n == 1 || !tun.tcp_gso() {
             // A lone packet (a ping, an ACK, a DNS answer) has nothing to coalesce
             // with: write it as it is, behind the all-zero virtio-net header (no
-            // offload asked) when the device takes one, and skip the GRO table.
-            let b = &self.bufs[0];
-            let frame = if tun.tcp_gso() {
-                &b[..]
+            // offload asked) when the device takes one.
+            let skip = if tun.tcp_gso() { 0 } else { VIRTIO_NET_HDR_LEN };
+            for b in &self.bufs[..n] {
+                failed += u64::from(lost(tun.send(&b[skip..])));
+            }
+            self.failed += failed;
+            return;
+        }
+        self.gro.plan(&mut self.bufs[..n], tun.udp_gso());
+        let mut iov = [IoSlice::new(&[]); gro::MAX_SEGMENTS as usize];
+        for (head, members) in self.gro.groups() {
+            iov[0] = IoSlice::new(&self.bufs[head]);
+            let mut k = 1;
+            for (i, from) in members {
+                iov[k] = IoSlice::new(&self.bufs[i][from..]);
+                k += 1;
+            }
+            let sent = if k == 1 {
+                tun.send(&self.bufs[head])
             } else {
-                &b[VIRTIO_NET_HDR_LEN..]
+                tun.send_vectored(&iov[..k])
             };
-            tun.send(frame)
-        } else {
-            tun.send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
-        };
-        if let Err(e) = sent {
-            // Part of the batch may have gone out; count the whole batch conservatively
-            // unless the device is gone.
-            if e.kind() != io::ErrorKind::Interrupted {
-                self.failed += n as u64;
+            if lost(sent) {
+                failed += k as u64;
             }
         }
+        self.failed += failed;
     }
 }
