@@ -371,6 +371,11 @@ fn finish(g: &Group, b: &mut [u8]) {
     hdr[8..10].copy_from_slice(&((check_at - l3) as u16).to_ne_bytes());
 }
 
+/// The Internet checksum of `data`, in the machine's byte order (store with `to_ne_bytes`).
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum(data, 0))
+}
+
 /// The transport checksum of IP packet `p` (header length `l3`) is right.
 fn checksum_ok(p: &[u8], l3: usize, proto: u8) -> bool {
     let l4_len = p.len() - l3;

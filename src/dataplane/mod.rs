@@ -22,6 +22,7 @@ pub mod handover;
 pub mod netlink;
 pub mod router;
 pub mod stats;
+pub mod tunread;
 pub mod wg;
 
 use std::collections::HashMap;
@@ -388,8 +389,8 @@ pub struct Dataplane {
     handover: Handover,
 }
 
-/// Buffers of the TUN reader: one `recv_multiple`, the cipher output and the UDP
-/// trains being built (WireGuard to the site's port, ESP to the NAT-T port).
+/// Buffers of the TUN reader: one read (`raw`) and the segments of a super-packet, the
+/// cipher output and the UDP trains being built (WireGuard to the site's port, ESP to NAT-T).
 struct TunPath {
     raw: Vec<u8>,
     bufs: Vec<Vec<u8>>,
@@ -789,7 +790,7 @@ impl Dataplane {
 
     /// Blocking loop: TUN -> tunnels -> UDP. Runs on its own thread for the daemon's life.
     ///
-    /// With TUN offload a read is a TSO super-packet that `recv_multiple` splits into
+    /// With TUN offload a read may be a TSO super-packet, split ([`tunread`]) into
     /// MTU-sized segments; their datagrams leave as UDP GSO trains once the TUN is
     /// drained (or every `TUN_DRAIN_MAX` packets).
     pub fn run_tun_reader(self: Arc<Self>) {
@@ -869,8 +870,8 @@ impl Dataplane {
         let mut looks = 0;
         let mut dry_since = None;
         loop {
-            match self.tun.recv_multiple(raw, bufs, sizes, 0) {
-                Ok(n) => {
+            match tunread::read(&self.tun, raw, bufs, sizes) {
+                Ok(packets) => {
                     if total == 0 {
                         pace.arrived(Instant::now());
                         if pace.streaming() {
@@ -878,9 +879,18 @@ impl Dataplane {
                         }
                     }
                     let routes = routes.get_or_insert_with(|| self.routes());
-                    for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
-                        self.handle_tun_packet(routes, &buf[..len], out, tx, esp_tx);
-                    }
+                    let n = match packets {
+                        tunread::Packets::One(at) => {
+                            self.handle_tun_packet(routes, &raw[at], out, tx, esp_tx);
+                            1
+                        }
+                        tunread::Packets::Split(n) => {
+                            for (buf, &len) in bufs.iter().zip(sizes.iter()).take(n) {
+                                self.handle_tun_packet(routes, &buf[..len], out, tx, esp_tx);
+                            }
+                            n
+                        }
+                    };
                     pending += n;
                     total += n;
                     if !*nonblocking {
