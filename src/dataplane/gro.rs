@@ -21,10 +21,11 @@ pub const HDR_LEN: usize = 10;
 /// Most segments in one super-packet (the kernel takes up to 128 for UDP).
 pub const MAX_SEGMENTS: u16 = 64;
 
-const HDR_F_NEEDS_CSUM: u8 = 1;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
+/// Virtio-net header flag and GSO types (`linux/virtio_net.h`).
+pub(super) const HDR_F_NEEDS_CSUM: u8 = 1;
+pub(super) const GSO_TCPV4: u8 = 1;
+pub(super) const GSO_TCPV6: u8 = 4;
+pub(super) const GSO_UDP_L4: u8 = 5;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -440,11 +441,11 @@ fn be16(b: &[u8], at: usize) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// RFC 1071 the plain way, independent of `sum`: 16-bit big-endian words.
-    fn csum16(parts: &[&[u8]]) -> u16 {
+    pub(crate) fn csum16(parts: &[&[u8]]) -> u16 {
         let mut acc: u32 = 0;
         for part in parts {
             for w in part.chunks(2) {
@@ -457,7 +458,7 @@ mod tests {
         !(acc as u16)
     }
 
-    fn pseudo(p: &[u8], l3: usize, proto: u8, l4_len: usize) -> Vec<u8> {
+    pub(crate) fn pseudo(p: &[u8], l3: usize, proto: u8, l4_len: usize) -> Vec<u8> {
         let mut v = if l3 == 40 {
             p[8..40].to_vec()
         } else {
@@ -494,7 +495,7 @@ mod tests {
         p[at..at + 2].copy_from_slice(&c.to_be_bytes());
     }
 
-    struct Pkt {
+    pub(crate) struct Pkt {
         v6: bool,
         proto: u8,
         sport: u16,
@@ -508,7 +509,7 @@ mod tests {
     }
 
     impl Pkt {
-        fn udp(sport: u16, id: u16, len: usize) -> Self {
+        pub(crate) fn udp(sport: u16, id: u16, len: usize) -> Self {
             Pkt {
                 v6: false,
                 proto: UDP,
@@ -535,7 +536,7 @@ mod tests {
             }
         }
 
-        fn bytes(&self) -> Vec<u8> {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
             let l3 = if self.v6 { 40 } else { 20 };
             let mut p = vec![0u8; l3];
             if self.v6 {

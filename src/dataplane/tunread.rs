@@ -8,13 +8,9 @@ use std::ops::Range;
 
 use tun_rs::{SyncDevice, VirtioNetHdr};
 
-use super::gro::{self, HDR_LEN};
+use super::gro::{self, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, HDR_F_NEEDS_CSUM, HDR_LEN};
 
-const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
 const GSO_ECN: u8 = 0x80;
 
 /// Where the packets of one read are.
@@ -105,44 +101,16 @@ fn complete_checksum(p: &mut [u8], start: usize, offset: usize) -> io::Result<()
 mod tests {
     use super::*;
 
-    /// An IPv4 UDP packet as the sender's stack hands it to an offload device: the
-    /// checksum field holds the pseudo-header sum.
-    fn partial_udp(payload: usize) -> (Vec<u8>, u16) {
-        let len = 28 + payload;
-        let mut p = vec![0u8; len];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[10, 201, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 201, 0, 2]);
-        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
-        for (i, b) in p[28..].iter_mut().enumerate() {
-            *b = (i * 13) as u8;
-        }
-        // The complete checksum, the plain way, for comparison.
-        let mut words: Vec<u8> = Vec::new();
-        words.extend_from_slice(&p[12..20]);
-        words.extend_from_slice(&[0, 17]);
-        words.extend_from_slice(&((len - 20) as u16).to_be_bytes());
-        let pseudo = fold16(&words);
-        words.extend_from_slice(&p[20..]);
-        let full = !fold16(&words);
-        p[26..28].copy_from_slice(&pseudo.to_be_bytes());
-        (p, full)
-    }
+    use crate::dataplane::gro::tests::{csum16, pseudo, Pkt};
 
-    fn fold16(b: &[u8]) -> u16 {
-        let mut acc: u32 = b
-            .chunks(2)
-            .map(|w| u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0)))
-            .sum();
-        while acc >> 16 != 0 {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        acc as u16
+    /// An IPv4 UDP packet as the sender's stack hands it to an offload device (the
+    /// checksum field holds the pseudo-header sum), and its complete checksum.
+    fn partial_udp(payload: usize) -> (Vec<u8>, u16) {
+        let mut p = Pkt::udp(40000, 1, payload).bytes();
+        let full = u16::from_be_bytes([p[26], p[27]]);
+        let sum = !csum16(&[&pseudo(&p, 20, 17, p.len() - 20)]);
+        p[26..28].copy_from_slice(&sum.to_be_bytes());
+        (p, full)
     }
 
     fn frame(hdr: [u8; HDR_LEN], p: &[u8]) -> Vec<u8> {
@@ -214,7 +182,7 @@ mod tests {
         assert_eq!((n, &sizes[..3]), (3, &[128, 128, 128][..]));
         for (k, b) in bufs.iter().take(3).enumerate() {
             assert_eq!(&b[28..128], &p[28 + 100 * k..128 + 100 * k]);
-            assert_eq!(fold16(&b[..20]), 0xffff, "IPv4 header checksum");
+            assert_eq!(csum16(&[&b[..20]]), 0, "IPv4 header checksum");
         }
     }
 }
