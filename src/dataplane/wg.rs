@@ -130,12 +130,23 @@ impl Live {
     /// The session outbound packets use: the newest that has a live WireGuard session,
     /// else the newest (which then starts a handshake).
     fn sending(&mut self) -> Option<&mut Session> {
-        let i = self
-            .sessions
-            .iter()
-            .rposition(|s| has_session(&s.tunn))
-            .or(self.sessions.len().checked_sub(1))?;
+        let i = self.sending_index()?;
         Some(&mut self.sessions[i])
+    }
+
+    /// Index of [`sending`](Self::sending)'s session. With one session (nearly always)
+    /// that is the one whatever its state: no clock read per packet.
+    fn sending_index(&self) -> Option<usize> {
+        match self.sessions.len() {
+            0 => None,
+            1 => Some(0),
+            n => Some(
+                self.sessions
+                    .iter()
+                    .rposition(|s| has_session(&s.tunn))
+                    .unwrap_or(n - 1),
+            ),
+        }
     }
 
     /// Make room for a new session: drop the oldest if every slot is taken, retire the
@@ -157,11 +168,7 @@ impl Live {
     }
 
     fn sending_ref(&self) -> Option<&Session> {
-        let i = self
-            .sessions
-            .iter()
-            .rposition(|s| has_session(&s.tunn))
-            .or(self.sessions.len().checked_sub(1))?;
+        let i = self.sending_index()?;
         Some(&self.sessions[i])
     }
 }
