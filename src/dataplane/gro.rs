@@ -36,7 +36,7 @@ const TCP_PSH: u8 = 0x08;
 const END: u16 = u16::MAX;
 
 /// What must be equal for two packets to share a super-packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 struct FlowKey {
     v6: bool,
     proto: u8,
@@ -64,6 +64,7 @@ struct Candidate {
 }
 
 /// Packets written as one: a super-packet, or a single packet as it came.
+#[derive(Default)]
 struct Group {
     head: u16,
     tail: u16,
@@ -71,7 +72,6 @@ struct Group {
     /// Can take more packets of its flow.
     open: bool,
     key: FlowKey,
-    l3: u8,
     /// Payload bytes of each segment (the last may be shorter).
     seg: u16,
     /// Payload bytes of all members.
@@ -82,8 +82,17 @@ struct Group {
 }
 
 impl Group {
+    /// IP header length: candidates have no IPv4 options.
+    fn l3(&self) -> usize {
+        if self.key.v6 {
+            40
+        } else {
+            20
+        }
+    }
+
     fn headers(&self) -> usize {
-        self.l3 as usize + self.key.l4 as usize
+        self.l3() + self.key.l4 as usize
     }
 }
 
@@ -128,7 +137,6 @@ impl Coalescer {
                 // A segment with PSH ends its group.
                 open: !c.psh,
                 key: c.key,
-                l3: c.l3 as u8,
                 seg: c.payload as u16,
                 bytes: c.payload as u32,
                 next_seq: c.seq.wrapping_add(c.payload as u32),
@@ -170,7 +178,6 @@ impl Coalescer {
         let grp = &self.groups[g];
         let tcp = c.key.proto == TCP;
         let ok = grp.count < MAX_SEGMENTS
-            && c.l3 == grp.l3 as usize
             && c.payload <= grp.seg as usize
             && grp.headers() + grp.bytes as usize + c.payload <= u16::MAX as usize
             && (!tcp || c.seq == grp.next_seq)
@@ -185,7 +192,7 @@ impl Coalescer {
         }
         if grp.count == 1 {
             let head = &bufs[grp.head as usize].as_ref()[HDR_LEN..];
-            if !checksum_ok(head, grp.l3 as usize, grp.key.proto) {
+            if !checksum_ok(head, grp.l3(), grp.key.proto) {
                 self.groups[g].open = false;
                 return false;
             }
@@ -232,36 +239,13 @@ fn single(idx: u16) -> Group {
         head: idx,
         tail: idx,
         count: 1,
-        open: false,
-        key: FlowKey {
-            v6: false,
-            proto: 0,
-            addrs: [0; 32],
-            ports: [0; 4],
-            ip: [0; 5],
-            l4: 0,
-            ack: 0,
-        },
-        l3: 0,
-        seg: 0,
-        bytes: 0,
-        next_seq: 0,
-        first_id: 0,
-        psh: false,
+        ..Group::default()
     }
 }
 
 /// Parse `p` as a packet that could join a super-packet.
 fn candidate(p: &[u8], udp: bool) -> Option<Candidate> {
-    let mut key = FlowKey {
-        v6: false,
-        proto: 0,
-        addrs: [0; 32],
-        ports: [0; 4],
-        ip: [0; 5],
-        l4: 0,
-        ack: 0,
-    };
+    let mut key = FlowKey::default();
     let (l3, id, df) = match p.first()? >> 4 {
         4 => {
             // No options (IHL 5), the whole packet, not a fragment.
@@ -333,7 +317,7 @@ fn candidate(p: &[u8], udp: bool) -> Option<Candidate> {
 /// Turn group `g`'s first packet `b` (virtio-net header and packet) into the header of
 /// its super-packet.
 fn finish(g: &Group, b: &mut [u8]) {
-    let l3 = g.l3 as usize;
+    let l3 = g.l3();
     let l4 = g.key.l4 as usize;
     let tcp = g.key.proto == TCP;
     let (hdr, p) = b.split_at_mut(HDR_LEN);
@@ -343,7 +327,7 @@ fn finish(g: &Group, b: &mut [u8]) {
     } else {
         p[2..4].copy_from_slice(&((l3 + l4_len) as u16).to_be_bytes());
         p[10..12].fill(0);
-        let sum = !fold(sum(&p[..20], 0));
+        let sum = checksum(&p[..20]);
         p[10..12].copy_from_slice(&sum.to_ne_bytes());
     }
     let check_at = if tcp {
