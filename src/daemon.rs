@@ -14,7 +14,7 @@ use crate::control::{self, SiteView};
 use crate::dataplane::esp::EspTunnelSpec;
 use crate::dataplane::netlink::Netlink;
 use crate::dataplane::wg::{ProbeSpec, WgTunnelSpec};
-use crate::dataplane::{Dataplane, IpsecWires, Wire, IKE_PORT, MAX_PACKET, NATT_PORT};
+use crate::dataplane::{Dataplane, IpsecWires, IKE_PORT, MAX_PACKET, NATT_PORT};
 use crate::keys::{PrivateKey, Psk, PublicKey};
 use crate::proto::ike::crypto::AeadAlg;
 use crate::reload::{self, ReloadOutcome, ReloadRequest};
@@ -217,6 +217,15 @@ impl Installed {
     }
 }
 
+/// How many per-CPU UDP lanes the site's port gets ([`crate::dataplane::lanes`]): one per
+/// CPU the daemon may run on, none with `SITEWIRE_CPU_LANES=0`.
+fn cpu_lanes() -> usize {
+    if std::env::var("SITEWIRE_CPU_LANES").as_deref() == Ok("0") {
+        return 0;
+    }
+    crate::dataplane::lanes::usable()
+}
+
 fn disable_ipv6(interface: &str) {
     let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
     let _ = std::fs::write(path, "1");
@@ -275,7 +284,7 @@ pub async fn up(config_path: &Path) -> Result<()> {
     }
     netlink.set_mtu_up(ifindex, cfg.site.mtu).await?;
 
-    let wire = Wire::bind(cfg.site.listen_port)
+    let wire = crate::dataplane::lanes::bind(cfg.site.listen_port, cpu_lanes())
         .with_context(|| format!("binding UDP port {}", cfg.site.listen_port))?;
     let ipsec = if esp_specs.is_empty() {
         None
@@ -363,6 +372,16 @@ async fn run(
             .name(name.into())
             .spawn(move || f(dp))
             .context("starting a packet thread")?;
+    }
+    for lane in 0..dp.lanes.len() {
+        let dp = dp.clone();
+        std::thread::Builder::new()
+            .name(format!("udp-lane-{lane}"))
+            .spawn(move || dp.run_lane(lane))
+            .context("starting a packet thread")?;
+    }
+    if !dp.lanes.is_empty() {
+        tracing::debug!(lanes = dp.lanes.len(), "per-CPU UDP lanes");
     }
 
     // Resolve host names before the first handshake, then keep them fresh.

@@ -13,7 +13,10 @@
 //!
 //! Only the current owner reads the TUN, and it flips the owner itself (light -> heavy
 //! by the UDP reader, heavy -> light by the TUN reader), under the lock of the TUN
-//! path: packets keep their order across a handover.
+//! path: packets keep their order across a handover. On a site with per-CPU lanes
+//! ([`super::lanes`]) the lanes take the UDP reader's part here: each serves the TUN
+//! while traffic is light (one at a time, under the same lock), so a packet written
+//! into the TUN wakes the lane of its own CPU.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -187,6 +190,9 @@ pub struct Handover {
     pub tun_reader: Doorbell,
     /// The UDP reader's doorbell: the TUN is its again.
     pub udp_reader: Doorbell,
+    /// The same for each of the site's lanes, which serve the TUN instead of the UDP
+    /// reader when there are any ([`super::lanes`]).
+    pub lanes: Vec<Doorbell>,
     /// False when the TUN cannot be read without blocking: then it stays with the TUN
     /// reader.
     enabled: bool,
@@ -195,11 +201,14 @@ pub struct Handover {
 }
 
 impl Handover {
-    pub fn new(enabled: bool) -> io::Result<Self> {
+    pub fn new(enabled: bool, lanes: usize) -> io::Result<Self> {
         Ok(Self {
             heavy: AtomicBool::new(!enabled),
             tun_reader: Doorbell::new()?,
             udp_reader: Doorbell::new()?,
+            lanes: (0..lanes)
+                .map(|_| Doorbell::new())
+                .collect::<io::Result<_>>()?,
             enabled,
             delivered: AtomicBool::new(false),
         })
@@ -235,7 +244,12 @@ impl Handover {
     pub fn to_light(&self) {
         if self.enabled {
             self.heavy.store(false, Ordering::Release);
-            self.udp_reader.ring();
+            if self.lanes.is_empty() {
+                self.udp_reader.ring();
+            }
+            for bell in &self.lanes {
+                bell.ring();
+            }
         }
     }
 }
@@ -267,7 +281,7 @@ mod tests {
 
     #[test]
     fn the_tun_moves_on_a_burst_and_back_when_quiet() {
-        let h = Handover::new(true).unwrap();
+        let h = Handover::new(true, 0).unwrap();
         assert!(!h.heavy(), "starts with the UDP reader");
         h.after_light_drain(HEAVY_AFTER_PACKETS - 1);
         assert!(
@@ -285,6 +299,21 @@ mod tests {
         assert!(
             !h.heavy() && rung(&h.udp_reader),
             "handed back, UDP reader woken"
+        );
+    }
+
+    #[test]
+    fn with_lanes_the_tun_goes_back_to_every_lane() {
+        let h = Handover::new(true, 3).unwrap();
+        h.after_light_drain(HEAVY_AFTER_PACKETS);
+        assert!(h.heavy());
+        assert!(h.lanes.iter().all(|b| !rung(b)));
+        h.to_light();
+        assert!(!h.heavy());
+        assert!(h.lanes.iter().all(rung), "every lane woken");
+        assert!(
+            !rung(&h.udp_reader),
+            "the main reader does not serve the TUN"
         );
     }
 
@@ -340,7 +369,7 @@ mod tests {
 
     #[test]
     fn deliveries_are_seen_once() {
-        let h = Handover::new(true).unwrap();
+        let h = Handover::new(true, 0).unwrap();
         assert!(!h.take_delivered());
         h.delivered();
         h.delivered();
@@ -350,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_blocking_tun_stays_with_the_tun_reader() {
-        let h = Handover::new(false).unwrap();
+        let h = Handover::new(false, 0).unwrap();
         assert!(h.heavy());
         h.to_light();
         assert!(h.heavy() && !rung(&h.udp_reader));

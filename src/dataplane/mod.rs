@@ -13,12 +13,15 @@
 //!
 //! While traffic is light the UDP reader also serves the TUN, so a round trip through
 //! an idle tunnel wakes one thread less; the TUN reader takes the TUN over after a
-//! burst ([`handover`]).
+//! burst ([`handover`]). On a machine with more than one CPU, light traffic goes
+//! through per-CPU lanes instead, a socket and a pinned thread per CPU, so that a round
+//! trip stays on one CPU ([`lanes`]); streams go back to the UDP reader.
 
 pub mod batch;
 pub mod esp;
 pub mod gro;
 pub mod handover;
+pub mod lanes;
 pub mod netlink;
 pub mod router;
 pub mod stats;
@@ -75,16 +78,27 @@ pub struct Wire {
 
 impl Wire {
     pub fn bind(port: u16) -> io::Result<Self> {
+        Self::bind_with(port, false)
+    }
+
+    /// Bound with `SO_REUSEPORT`, for a group of sockets on one port ([`lanes`]).
+    pub(crate) fn bind_reusable(port: u16) -> io::Result<Self> {
+        Self::bind_with(port, true)
+    }
+
+    fn bind_with(port: u16, reuse: bool) -> io::Result<Self> {
         use socket2::{Domain, Protocol, Socket, Type};
         let (sock, dual_stack) = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
             .and_then(|s| {
                 s.set_only_v6(false)?;
+                s.set_reuse_port(reuse)?;
                 s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
                 Ok(s)
             }) {
             Ok(s) => (s, true),
             Err(_) => {
                 let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                s.set_reuse_port(reuse)?;
                 s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
                 (s, false)
             }
@@ -365,6 +379,8 @@ impl SiteKeys {
 
 pub struct Dataplane {
     pub wire: Wire,
+    /// One more socket on the site's port per CPU, for light traffic ([`lanes`]).
+    pub lanes: lanes::Lanes,
     pub tun: tun_rs::SyncDevice,
     pub tunnels: ArcSwap<TunnelTable>,
     /// The site's static keys (swapped whole by a key rotation).
@@ -445,7 +461,7 @@ impl IpsecWires {
 impl Dataplane {
     pub fn new(
         tun: tun_rs::SyncDevice,
-        wire: Wire,
+        (wire, lanes): (Wire, lanes::Lanes),
         private: PrivateKey,
         specs: Vec<WgTunnelSpec>,
         ipsec: Option<(IpsecWires, Vec<esp::EspTunnelSpec>)>,
@@ -459,11 +475,12 @@ impl Dataplane {
         let local = LocalKey::with_limit(private, handshake_limit);
         let listen_port = wire.local_port()?;
         let path = TunPath::new(&tun);
-        let handover = Handover::new(path.nonblocking)?;
+        let handover = Handover::new(path.nonblocking, lanes.len())?;
         let dp = Self {
             tun_path: Mutex::new(path),
             handover,
             wire,
+            lanes,
             tun,
             tunnels: ArcSwap::from_pointee(TunnelTable::default()),
             keys: ArcSwap::from_pointee(SiteKeys {
@@ -952,31 +969,51 @@ impl Dataplane {
 
     /// Blocking loop: UDP -> tunnels -> TUN.
     pub fn run_udp_reader(self: Arc<Self>) {
-        self.udp_reader(VIA_SITE);
+        self.udp_reader(VIA_SITE, None);
+    }
+
+    /// Blocking loop: lane `lane` of the site's port, pinned to CPU `lane` ([`lanes`]).
+    pub fn run_lane(self: Arc<Self>, lane: usize) {
+        if let Err(e) = lanes::pin_to(lane) {
+            tracing::warn!(error = %e, lane, "pinning a UDP lane to its CPU failed");
+        }
+        self.udp_reader(VIA_SITE, Some(lane));
     }
 
     /// Blocking loop on UDP 500 (IPsec sites).
     pub fn run_ike_reader(self: Arc<Self>) {
-        self.udp_reader(VIA_IKE);
+        self.udp_reader(VIA_IKE, None);
     }
 
     /// Blocking loop on UDP 4500: ESP -> TUN, IKE -> the driver (IPsec sites).
     pub fn run_natt_reader(self: Arc<Self>) {
-        self.udp_reader(VIA_NATT);
+        self.udp_reader(VIA_NATT, None);
     }
 
     /// Batched: up to [`quinn_udp::BATCH_SIZE`] buffers per `recvmmsg`, each one GRO
     /// train of up to 64 datagrams; decrypted packets go to the TUN once per batch.
-    /// The site's reader also serves the TUN while traffic is light (see [`handover`]).
-    fn udp_reader(&self, via: Via) {
+    /// The site's reader (or, with [`lanes`], each lane) also serves the TUN while
+    /// traffic is light (see [`handover`]).
+    fn udp_reader(&self, via: Via, lane: Option<usize>) {
         const BATCH: usize = quinn_udp::BATCH_SIZE;
-        let wire = match (via, &self.ipsec) {
-            (VIA_IKE, Some(w)) => &w.ike,
-            (VIA_NATT, Some(w)) => &w.natt,
-            (VIA_SITE, _) => &self.wire,
+        let wire = match (via, &self.ipsec, lane) {
+            (VIA_IKE, Some(w), _) => &w.ike,
+            (VIA_NATT, Some(w), _) => &w.natt,
+            (VIA_SITE, _, None) => &self.wire,
+            (VIA_SITE, _, Some(lane)) => match self.lanes.wire(lane) {
+                Some(w) => w,
+                None => return,
+            },
             _ => return,
         };
-        let serves_tun = via == VIA_SITE;
+        let serves_tun = via == VIA_SITE && (lane.is_some() || self.lanes.is_empty());
+        // With lanes, the main reader only gets streams; it hands datagrams back to the
+        // lanes once they stop.
+        let gives_back = via == VIA_SITE && lane.is_none() && !self.lanes.is_empty();
+        let bell = match lane {
+            Some(lane) => hand_bell(&self.handover, lane),
+            None => &self.handover.udp_reader,
+        };
         let hand = &self.handover;
         let mut storage = vec![0u8; BATCH * MAX_PACKET];
         let mut meta = [quinn_udp::RecvMeta::default(); BATCH];
@@ -989,7 +1026,7 @@ impl Dataplane {
         let mut readable = true;
         loop {
             if !readable {
-                readable = self.wait_for_work(wire, serves_tun);
+                readable = self.wait_for_work(wire, serves_tun, bell, gives_back);
                 continue;
             }
             let n = {
@@ -1002,6 +1039,9 @@ impl Dataplane {
                 Ok(n) => {
                     yielded = false;
                     pace.arrived(Instant::now());
+                    if lane.is_some() && pace.streaming() {
+                        self.lanes.to_bulk(&self.wire);
+                    }
                     for (i, m) in meta.iter().enumerate().take(n) {
                         let buf = &storage[i * MAX_PACKET..][..m.len];
                         for datagram in buf.chunks(m.stride.max(1)) {
@@ -1060,15 +1100,23 @@ impl Dataplane {
     }
 
     /// Sleep until the socket, the TUN (while this thread serves it) or the doorbell
-    /// has something; serve the TUN and the doorbell here. Returns whether the socket
-    /// is readable.
-    fn wait_for_work(&self, wire: &Wire, serves_tun: bool) -> bool {
+    /// `bell` has something; serve the TUN and the doorbell here. With `gives_back`
+    /// (the main reader of a site with lanes), a sleep of [`lanes::LANES_AFTER_IDLE_MS`]
+    /// while the datagrams come to it hands them back to the lanes. Returns whether
+    /// the socket is readable.
+    fn wait_for_work(
+        &self,
+        wire: &Wire,
+        serves_tun: bool,
+        bell: &handover::Doorbell,
+        gives_back: bool,
+    ) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let hand = &self.handover;
         let light = serves_tun && !hand.heavy();
         let mut fds = [
             PollFd::new(wire.sock.as_fd(), PollFlags::POLLIN),
-            PollFd::new(hand.udp_reader.fd(), PollFlags::POLLIN),
+            PollFd::new(bell.fd(), PollFlags::POLLIN),
             PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
         ];
         // Only the site's reader answers the doorbell and serves the TUN.
@@ -1077,13 +1125,23 @@ impl Dataplane {
             (true, false) => 2,
             (true, true) => 3,
         };
-        if poll(&mut fds[..used], PollTimeout::NONE).is_err() {
+        let timeout = if gives_back && self.lanes.bulk() {
+            PollTimeout::from(lanes::LANES_AFTER_IDLE_MS)
+        } else {
+            PollTimeout::NONE
+        };
+        match poll(&mut fds[..used], timeout) {
+            Ok(0) => {
+                self.lanes.to_lanes(&self.wire);
+                return false;
+            }
+            Ok(_) => {}
             // EINTR: look at the socket again.
-            return true;
+            Err(_) => return true,
         }
         let revents = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
         if serves_tun && revents(&fds[1]) {
-            hand.udp_reader.clear();
+            bell.clear();
         }
         if light && revents(&fds[2]) {
             if let Ok(packets) = self.drain_tun(&mut self.lock_tun_path(), DryTun::YieldOnce) {
@@ -1092,6 +1150,11 @@ impl Dataplane {
         }
         revents(&fds[0])
     }
+}
+
+/// Lane `lane`'s doorbell (it has one per lane).
+fn hand_bell(hand: &Handover, lane: usize) -> &handover::Doorbell {
+    hand.lanes.get(lane).unwrap_or(&hand.udp_reader)
 }
 
 /// A random, unused, non-zero 24-bit receiver index base whose low bits are free for
