@@ -35,8 +35,10 @@ use std::sync::Mutex;
 
 use super::Wire;
 
-/// Most lanes: beyond this many CPUs a thread per CPU costs more than it saves.
-pub const MAX_LANES: usize = 64;
+/// Most lanes. Every lane polls the TUN while traffic is light, so a packet written
+/// into it wakes them all (the lane of its CPU to serve it, the others to find it
+/// gone): beyond this many CPUs that costs more than the lanes save.
+pub const MAX_LANES: usize = 8;
 
 /// The main UDP reader gives the datagrams back to the lanes after this long without one.
 pub const LANES_AFTER_IDLE_MS: u16 = 50;
