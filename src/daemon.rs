@@ -217,21 +217,14 @@ impl Installed {
     }
 }
 
-/// How many per-CPU UDP lanes the site's port gets ([`crate::dataplane::lanes`]): one per
-/// CPU the daemon may run on, none with `SITEWIRE_CPU_LANES=0`.
-fn cpu_lanes() -> usize {
-    if std::env::var("SITEWIRE_CPU_LANES").as_deref() == Ok("0") {
-        return 0;
-    }
-    crate::dataplane::lanes::usable()
-}
-
 fn disable_ipv6(interface: &str) {
     let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
     let _ = std::fs::write(path, "1");
 }
 
-pub async fn up(config_path: &Path) -> Result<()> {
+/// Run the site of `config_path`; with `lanes`, its UDP port gets a per-CPU lane per CPU
+/// the daemon may run on where that works ([`crate::dataplane::lanes`]).
+pub async fn up(config_path: &Path, lanes: bool) -> Result<()> {
     let cfg = Config::load(config_path).map_err(|e| anyhow!("{}:\n{e}", config_path.display()))?;
     if crate::vault::used(&cfg) {
         // Key material must not end up in core dumps.
@@ -284,8 +277,15 @@ pub async fn up(config_path: &Path) -> Result<()> {
     }
     netlink.set_mtu_up(ifindex, cfg.site.mtu).await?;
 
-    let wire = crate::dataplane::lanes::bind(cfg.site.listen_port, cpu_lanes())
-        .with_context(|| format!("binding UDP port {}", cfg.site.listen_port))?;
+    let wire = crate::dataplane::lanes::bind(
+        cfg.site.listen_port,
+        if lanes {
+            crate::dataplane::lanes::usable()
+        } else {
+            0
+        },
+    )
+    .with_context(|| format!("binding UDP port {}", cfg.site.listen_port))?;
     let ipsec = if esp_specs.is_empty() {
         None
     } else {

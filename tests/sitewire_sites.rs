@@ -122,6 +122,102 @@ fn two_sites_pass_ping_and_tcp_both_ways() {
     drop(p.b);
 }
 
+/// CPUs this process may run on, when they are 0..n-1 (as the daemon's lanes want).
+fn contiguous_cpus() -> Option<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills it and
+    // CPU_COUNT/CPU_ISSET read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        let n = libc::CPU_COUNT(&set) as usize;
+        (0..n).all(|c| libc::CPU_ISSET(c, &set)).then_some(n)
+    }
+}
+
+/// Threads of `pid` named udp-lane-N.
+fn lane_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|comm| comm.starts_with("udp-lane-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Per-CPU lanes: site a has them (a socket and a pinned thread per CPU, up to 8), site b
+/// runs without (`SITEWIRE_CPU_LANES=off`, the environment form of `--cpu-lanes off`).
+/// Pings sent from every CPU cross both ways; a TCP stream moves the datagrams to the
+/// main socket, and pings after it (once the lanes have them back) cross again.
+#[test]
+fn a_site_with_cpu_lanes_and_one_without_carry_pings_from_every_cpu_and_a_stream() {
+    if !prereq(&["ping", "iperf3", "taskset"]) {
+        return;
+    }
+    let topo = Topo::new("lanes");
+    let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
+    let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
+    let (cfg_a, cfg_b) = SitePair::new(&if_a, &if_b, &ka, &kb, topo.port(0)).render(&topo);
+    let b = topo.start_sitewire_env(Site::B, "b", &cfg_b, &[("SITEWIRE_CPU_LANES", "off")]);
+    let a = topo.start_sitewire(Site::A, "a", &cfg_a);
+    assert!(
+        wait_tunnel_up(&if_a, "to-b", Duration::from_secs(10)),
+        "tunnel not up:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    let cpus = contiguous_cpus().unwrap_or(1);
+    let expected = if (2..=8).contains(&cpus) { cpus } else { 0 };
+    assert_eq!(
+        lane_threads(a.pid),
+        expected,
+        "site a's lanes on {cpus} CPUs"
+    );
+    assert_eq!(
+        lane_threads(b.pid),
+        0,
+        "site b's lanes with SITEWIRE_CPU_LANES=off"
+    );
+
+    let t = &topo;
+    assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(5)));
+    let (src_a, dst_b) = (t.host_a.to_string(), t.host_b.to_string());
+    let (src_b, dst_a) = (t.host_b.to_string(), t.host_a.to_string());
+    let pings_from_every_cpu = |when: &str| {
+        for cpu in 0..cpus.min(8) {
+            let cpu_s = cpu.to_string();
+            for (ns, src, dst) in [(&t.ns_a, &src_a, &dst_b), (&t.ns_b, &src_b, &dst_a)] {
+                let out = t.exec_ok(
+                    ns,
+                    &[
+                        "taskset", "-c", &cpu_s, "ping", "-n", "-q", "-c", "20", "-i", "0.01",
+                        "-W", "1", "-w", "10", "-I", src, dst,
+                    ],
+                );
+                assert!(
+                    out.contains(" 20 received"),
+                    "{when}: pings from CPU {cpu} in {ns}:\n{out}\n{}\n{}",
+                    a.log(),
+                    b.log()
+                );
+            }
+        }
+    };
+    pings_from_every_cpu("before the stream");
+    let fwd = t.iperf3_tcp(&t.ns_b, t.host_b, &t.ns_a, t.host_a, 2, 1, false);
+    let rev = t.iperf3_tcp(&t.ns_b, t.host_b, &t.ns_a, t.host_a, 2, 1, true);
+    assert!(fwd.bytes_received > 1_000_000, "a->b TCP: {fwd:?}");
+    assert!(rev.bytes_received > 1_000_000, "b->a TCP: {rev:?}");
+    // The main reader hands the datagrams back after 50 ms without one.
+    std::thread::sleep(Duration::from_millis(300));
+    pings_from_every_cpu("after the stream");
+    let st = tunnel_status(&if_a, "to-b");
+    assert_eq!(st["state"], "up");
+}
+
 /// On a host with IPv6 on, an IPv4-only site's TUN gets no IPv6 at all: it comes up
 /// only after IPv6 is off on it, so it sends no router solicitation or MLD report that the
 /// site would have to drop (and count) for want of a route.
