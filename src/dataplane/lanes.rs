@@ -51,6 +51,8 @@ pub struct Lanes {
     wires: Vec<Wire>,
     /// Everything goes to the main socket (a stream is on).
     bulk: AtomicBool,
+    /// A swap failed: the program stays as it is (and the failure is logged once).
+    stuck: AtomicBool,
     /// Serialises program swaps, so `bulk` matches the program attached last.
     swap: Mutex<()>,
 }
@@ -84,7 +86,7 @@ impl Lanes {
     }
 
     fn steer(&self, main: &Wire, bulk: bool) {
-        if self.wires.is_empty() || self.bulk() == bulk {
+        if self.wires.is_empty() || self.bulk() == bulk || self.stuck.load(Ordering::Relaxed) {
             return;
         }
         let _guard = self.swap.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,7 +96,11 @@ impl Lanes {
         let lanes = if bulk { None } else { Some(self.wires.len()) };
         match attach(&main.sock, lanes) {
             Ok(()) => self.bulk.store(bulk, Ordering::Release),
-            Err(e) => tracing::warn!(error = %e, bulk, "switching the UDP lanes failed"),
+            Err(e) => {
+                // Datagrams still arrive either way, only on the current sockets.
+                self.stuck.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, bulk, "switching the UDP lanes failed; they stay as they are");
+            }
         }
     }
 }
@@ -153,6 +159,7 @@ pub fn bind(port: u16, lanes: usize) -> io::Result<(Wire, Lanes)> {
         Lanes {
             wires,
             bulk: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
             swap: Mutex::new(()),
         },
     ))
