@@ -21,6 +21,16 @@ type Endpoints<'a> = &'a dyn Fn(&Topo) -> Vec<String>;
 
 /// Two sites; `a_endpoints` lets a test give site a extra (dead) endpoints first.
 fn two_sites(tag: &str, a_endpoints: Option<Endpoints<'_>>, b_has_endpoint: bool) -> Pair {
+    two_sites_env(tag, a_endpoints, b_has_endpoint, &[])
+}
+
+/// [`two_sites`] with extra environment variables for site b's daemon.
+fn two_sites_env(
+    tag: &str,
+    a_endpoints: Option<Endpoints<'_>>,
+    b_has_endpoint: bool,
+    b_env: &[(&str, &str)],
+) -> Pair {
     let topo = Topo::new(tag);
     let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
     let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
@@ -30,7 +40,7 @@ fn two_sites(tag: &str, a_endpoints: Option<Endpoints<'_>>, b_has_endpoint: bool
         ..SitePair::new(&if_a, &if_b, &ka, &kb, topo.port(0))
     }
     .render(&topo);
-    let b = topo.start_sitewire(Site::B, "b", &cfg_b);
+    let b = topo.start_sitewire_env(Site::B, "b", &cfg_b, b_env);
     let a = topo.start_sitewire(Site::A, "a", &cfg_a);
     Pair {
         topo,
@@ -157,14 +167,10 @@ fn a_site_with_cpu_lanes_and_one_without_carry_pings_from_every_cpu_and_a_stream
     if !prereq(&["ping", "iperf3", "taskset"]) {
         return;
     }
-    let topo = Topo::new("lanes");
-    let (if_a, if_b) = (topo.ifname("sa"), topo.ifname("sb"));
-    let (ka, kb) = (topo.sitewire_key("a"), topo.sitewire_key("b"));
-    let (cfg_a, cfg_b) = SitePair::new(&if_a, &if_b, &ka, &kb, topo.port(0)).render(&topo);
-    let b = topo.start_sitewire_env(Site::B, "b", &cfg_b, &[("SITEWIRE_CPU_LANES", "off")]);
-    let a = topo.start_sitewire(Site::A, "a", &cfg_a);
+    let p = two_sites_env("lanes", None, true, &[("SITEWIRE_CPU_LANES", "off")]);
+    let (a, b) = (&p.a, &p.b);
     assert!(
-        wait_tunnel_up(&if_a, "to-b", Duration::from_secs(10)),
+        wait_tunnel_up(&p.if_a, "to-b", Duration::from_secs(10)),
         "tunnel not up:\n{}\n{}",
         a.log(),
         b.log()
@@ -182,7 +188,7 @@ fn a_site_with_cpu_lanes_and_one_without_carry_pings_from_every_cpu_and_a_stream
         "site b's lanes with SITEWIRE_CPU_LANES=off"
     );
 
-    let t = &topo;
+    let t = &p.topo;
     assert!(t.wait_ping(&t.ns_a, t.host_a, t.host_b, Duration::from_secs(5)));
     let (src_a, dst_b) = (t.host_a.to_string(), t.host_b.to_string());
     let (src_b, dst_a) = (t.host_b.to_string(), t.host_a.to_string());
@@ -214,7 +220,7 @@ fn a_site_with_cpu_lanes_and_one_without_carry_pings_from_every_cpu_and_a_stream
     // The main reader hands the datagrams back after 50 ms without one.
     std::thread::sleep(Duration::from_millis(300));
     pings_from_every_cpu("after the stream");
-    let st = tunnel_status(&if_a, "to-b");
+    let st = tunnel_status(&p.if_a, "to-b");
     assert_eq!(st["state"], "up");
 }
 
