@@ -1119,7 +1119,8 @@ impl Dataplane {
             PollFd::new(bell.fd(), PollFlags::POLLIN),
             PollFd::new(self.tun.as_fd(), PollFlags::POLLIN),
         ];
-        // Only the site's reader answers the doorbell and serves the TUN.
+        // Only a thread that serves the TUN (the site's reader, or each lane when there are
+        // lanes) answers a doorbell and polls the TUN.
         let used = match (serves_tun, light) {
             (false, _) => 1,
             (true, false) => 2,
